@@ -1,0 +1,269 @@
+"""Typed, validated configuration shared by the Python API and the command line.
+
+`BrecqConfig` is a frozen dataclass: every field is checked in `__post_init__`, and the object
+round-trips through JSON (`to_dict` / `from_dict` / `to_json` / `from_json`). The CLI builds its
+flags from the field metadata below, so there is exactly one list of options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+MIN_BITS = 2
+MAX_BITS = 8
+
+METHODS = ("brecq", "qdrop", "rtn")
+GRANULARITIES = ("layer", "block", "stage", "net")
+LOSSES = ("mse", "fisher")
+SCALE_SEARCHES = ("lp", "minmax")
+WEIGHT_GRANULARITIES = ("channel", "tensor")
+
+# Per-method default learning rate of the activation step sizes: BRECQ learns them alone after
+# the weights (4e-4 in the paper); QDrop learns them jointly with the rounding, more gently.
+DEFAULT_ACT_LR = {"brecq": 4e-4, "qdrop": 4e-5, "rtn": 0.0}
+
+
+def _opt(flag: str, help_text: str, **extra: Any) -> dict[str, Any]:
+    return {"flag": flag, "help": help_text, **extra}
+
+
+def check_bits(bits: Any, what: str) -> int:
+    """Return `bits` as an int if it is a supported bit width, else raise ConfigError."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ConfigError(
+            f"{what}={bits!r} is not supported: use an integer from {MIN_BITS} to {MAX_BITS} bits"
+        )
+    return bits
+
+
+@dataclass(frozen=True)
+class BrecqConfig:
+    """Everything that decides what a quantization run does.
+
+    Field metadata carries the command-line flag and help text (see `brecq.cli`).
+    """
+
+    weight_bits: int = field(default=4, metadata=_opt("--w-bits", "weight bit width (2-8)"))
+    act_bits: int | None = field(
+        default=8,
+        metadata=_opt("--a-bits", "activation bit width (2-8); 32 or 'none' for weight-only"),
+    )
+    method: str = field(
+        default="brecq",
+        metadata=_opt("--method", "brecq | qdrop | rtn (round-to-nearest, no reconstruction)",
+                      choices=METHODS),
+    )
+    granularity: str = field(
+        default="block",
+        metadata=_opt("--granularity", "reconstruction unit: layer | block | stage | net",
+                      choices=GRANULARITIES),
+    )
+    loss: str = field(
+        default="mse",
+        metadata=_opt("--loss", "mse, or fisher (output error weighted by squared KL gradient)",
+                      choices=LOSSES),
+    )
+    iters_w: int = field(
+        default=20000, metadata=_opt("--iters-w", "AdaRound iterations per unit")
+    )
+    iters_a: int = field(
+        default=5000, metadata=_opt("--iters-a", "activation step-size iterations per unit")
+    )
+    calib_size: int = field(
+        default=1024, metadata=_opt("--calib-size", "number of calibration samples")
+    )
+    batch_size: int = field(
+        default=32, metadata=_opt("--batch-size", "reconstruction batch size")
+    )
+    first_last_bits: int | None = field(
+        default=8,
+        metadata=_opt("--first-last-bits",
+                      "bits of the first layer (weights, output) and last layer (weights, input);"
+                      " 'none' treats them like the others"),
+    )
+    layer_bits: dict[str, int] = field(
+        default_factory=dict,
+        metadata=_opt("--layer-bits", "per-layer weight bits as JSON, e.g. '{\"fc\": 8}'"),
+    )
+    act_layer_bits: dict[str, int] = field(
+        default_factory=dict,
+        metadata=_opt("--act-layer-bits",
+                      "per-activation-quantizer bits as JSON (names from `brecq info`)"),
+    )
+    first_layers: tuple[str, ...] | None = field(
+        default=None,
+        metadata=_opt("--first-layers", "comma-separated names of the first layers (default:"
+                      " the layers that read the model input)"),
+    )
+    last_layers: tuple[str, ...] | None = field(
+        default=None,
+        metadata=_opt("--last-layers", "comma-separated names of the last layers (default:"
+                      " the layers whose output reaches the model output)"),
+    )
+    unit_names: tuple[str, ...] | None = field(
+        default=None,
+        metadata=_opt("--units", "comma-separated module names to reconstruct as units"
+                      " (overrides automatic discovery)"),
+    )
+    weight_granularity: str = field(
+        default="channel",
+        metadata=_opt("--w-granularity", "weight scales per output channel or per tensor",
+                      choices=WEIGHT_GRANULARITIES),
+    )
+    weight_symmetric: bool = field(
+        default=False, metadata=_opt("--w-symmetric", "symmetric weight quantization")
+    )
+    act_symmetric: bool = field(
+        default=False, metadata=_opt("--a-symmetric", "symmetric activation quantization")
+    )
+    scale_search: str = field(
+        default="lp",
+        metadata=_opt("--scale-search", "initial scales: lp (Lp-error clip search) or minmax",
+                      choices=SCALE_SEARCHES),
+    )
+    lp_norm: float = field(
+        default=2.4, metadata=_opt("--lp-norm", "p of the Lp error used by the scale search")
+    )
+    weight_lr: float = field(
+        default=1e-3, metadata=_opt("--w-lr", "Adam learning rate of the rounding variables")
+    )
+    act_lr: float | None = field(
+        default=None,
+        metadata=_opt("--a-lr", "learning rate of activation step sizes (default: 4e-4 for"
+                      " brecq, 4e-5 for qdrop)"),
+    )
+    round_lambda: float = field(
+        default=0.01, metadata=_opt("--round-lambda", "weight of the rounding regularizer")
+    )
+    beta_start: float = field(default=20.0, metadata=_opt("--beta-start", "initial beta"))
+    beta_end: float = field(default=2.0, metadata=_opt("--beta-end", "final beta"))
+    warmup: float = field(
+        default=0.2, metadata=_opt("--warmup", "fraction of iterations without regularizer")
+    )
+    act_loss_p: float = field(
+        default=2.4, metadata=_opt("--act-loss-p", "p of the Lp loss when learning step sizes")
+    )
+    drop_prob: float = field(
+        default=0.5,
+        metadata=_opt("--drop-prob", "QDrop: probability of keeping an element full-precision"),
+    )
+    act_init_samples: int = field(
+        default=256,
+        metadata=_opt("--act-init-samples", "samples used to initialize activation scales"),
+    )
+    device: str = field(
+        default="auto", metadata=_opt("--device", "cpu, cuda, cuda:1, mps or auto")
+    )
+    cache_device: str = field(
+        default="auto",
+        metadata=_opt("--cache-device", "where cached unit inputs/targets live: auto (the"
+                      " compute device), cpu (offload to host memory) or a device"),
+    )
+    seed: int = field(default=0, metadata=_opt("--seed", "random seed"))
+
+    def __post_init__(self) -> None:
+        check_bits(self.weight_bits, "weight_bits")
+        if self.act_bits is not None:
+            check_bits(self.act_bits, "act_bits")
+        if self.first_last_bits is not None:
+            check_bits(self.first_last_bits, "first_last_bits")
+        for name, allowed in (
+            ("method", METHODS),
+            ("granularity", GRANULARITIES),
+            ("loss", LOSSES),
+            ("scale_search", SCALE_SEARCHES),
+            ("weight_granularity", WEIGHT_GRANULARITIES),
+        ):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"{name}={value!r} is unknown: choose one of {', '.join(allowed)}")
+        for name in ("iters_w", "iters_a", "act_init_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name}={value!r} must be a non-negative integer")
+        for name in ("calib_size", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        for name in ("lp_norm", "act_loss_p", "weight_lr", "beta_start", "beta_end"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"{name}={value!r} must be a positive number")
+        if self.act_lr is not None and not self.act_lr > 0:
+            raise ConfigError(f"act_lr={self.act_lr!r} must be a positive number (or None)")
+        if self.round_lambda < 0:
+            raise ConfigError(f"round_lambda={self.round_lambda!r} must be >= 0")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"warmup={self.warmup!r} must be in [0, 1)")
+        if not 0 <= self.drop_prob <= 1:
+            raise ConfigError(f"drop_prob={self.drop_prob!r} must be in [0, 1]")
+        for name in ("layer_bits", "act_layer_bits"):
+            mapping = getattr(self, name)
+            if not isinstance(mapping, dict):
+                raise ConfigError(f"{name} must map layer names to bit widths, got {mapping!r}")
+            for key, bits in mapping.items():
+                check_bits(bits, f"{name}[{key!r}]")
+            object.__setattr__(self, name, dict(mapping))
+        for name in ("first_layers", "last_layers", "unit_names"):
+            names = getattr(self, name)
+            if names is not None:
+                if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+                    raise ConfigError(f"{name} must be a list of module names, got {names!r}")
+                object.__setattr__(self, name, tuple(names))
+
+    @property
+    def effective_act_lr(self) -> float:
+        return self.act_lr if self.act_lr is not None else DEFAULT_ACT_LR[self.method]
+
+    @property
+    def label(self) -> str:
+        """Short bit-width label as papers write it, e.g. W2A4 or W4A32."""
+        return f"W{self.weight_bits}A{self.act_bits if self.act_bits is not None else 32}"
+
+    def replace(self, **changes: Any) -> BrecqConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for name in ("first_layers", "last_layers", "unit_names"):
+            if out[name] is not None:
+                out[name] = list(out[name])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BrecqConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown config key(s) {', '.join(unknown)}: valid keys are {', '.join(sorted(known))}"
+            )
+        return cls(**data)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> BrecqConfig:
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            path = Path(text)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist: pass an existing JSON file")
+            text = path.read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config is not valid JSON ({exc}): fix the file") from exc
+        if not isinstance(data, dict):
+            raise ConfigError("config JSON must be an object of field names to values")
+        return cls.from_dict(data)

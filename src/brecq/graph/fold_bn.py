@@ -1,0 +1,114 @@
+"""Fold BatchNorm into the conv or linear layer that feeds it.
+
+On a torch.fx graph the pairs come from the data flow: a BatchNorm whose input is a conv/linear
+output used by nothing else. Without a graph, pairs are found by running the model once and
+matching tensor identities (the BatchNorm's input is the very tensor the conv returned).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+@torch.no_grad()
+def fold_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
+    """Rewrite `layer`'s weight and bias so that layer(x) equals bn(layer_before(x)) in eval."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("cannot fold a BatchNorm without running statistics")
+    inv_std = torch.rsqrt(bn.running_var + bn.eps)
+    gamma = bn.weight if bn.weight is not None else torch.ones_like(inv_std)
+    beta = bn.bias if bn.bias is not None else torch.zeros_like(inv_std)
+    factor = gamma * inv_std
+    weight = layer.weight
+    weight.mul_(factor.reshape(-1, *([1] * (weight.dim() - 1))))
+    bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
+    new_bias = (bias - bn.running_mean) * factor + beta
+    if layer.bias is None:
+        layer.bias = nn.Parameter(new_bias)
+    else:
+        layer.bias.copy_(new_bias)
+
+
+def _foldable_pair(layer: nn.Module, bn: nn.Module) -> bool:
+    if not isinstance(layer, _FOLDABLE) or not isinstance(bn, _BATCHNORMS):
+        return False
+    if not bn.track_running_stats or bn.running_mean is None:
+        return False
+    out_features = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    if isinstance(layer, nn.Linear) and not isinstance(bn, nn.BatchNorm1d):
+        return False
+    return out_features == bn.num_features
+
+
+def fold_batchnorm_graph(gm: fx.GraphModule) -> int:
+    """Fold every conv/linear -> BatchNorm pair of the graph in place; returns how many."""
+    modules = dict(gm.named_modules())
+    calls_per_target: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls_per_target[node.target] = calls_per_target.get(node.target, 0) + 1
+    folded = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), _BATCHNORMS):
+            continue
+        producer = node.args[0] if node.args else None
+        if not isinstance(producer, fx.Node) or producer.op != "call_module":
+            continue
+        layer = modules.get(producer.target)
+        bn = modules[node.target]
+        if len(producer.users) != 1 or not _foldable_pair(layer, bn):
+            continue
+        if calls_per_target[producer.target] > 1:
+            continue  # a layer called twice would change at its other call site too
+        fold_into(layer, bn)
+        node.replace_all_uses_with(producer)
+        gm.graph.erase_node(node)
+        folded += 1
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return folded
+
+
+@torch.no_grad()
+def fold_batchnorm_eager(model: nn.Module, example_inputs: tuple) -> int:
+    """Fold pairs found by tensor identity during one forward pass (for untraceable models)."""
+    calls: list[tuple[str, nn.Module, object, object]] = []
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, _FOLDABLE + _BATCHNORMS):
+            def hook(mod, args, output, name=name):  # noqa: ANN001
+                calls.append((name, mod, args[0] if args else None, output))
+            handles.append(module.register_forward_hook(hook))
+    try:
+        model(*example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # `calls` holds references to every tensor, so identities cannot be reused during matching.
+    producer_of = {id(out): (name, mod) for name, mod, _, out in calls if isinstance(mod, _FOLDABLE)}
+    call_count: dict[str, int] = {}
+    for name, _, _, _ in calls:
+        call_count[name] = call_count.get(name, 0) + 1
+    parents = dict(model.named_modules())
+    folded = 0
+    for name, mod, inp, _ in calls:
+        if not isinstance(mod, _BATCHNORMS) or id(inp) not in producer_of:
+            continue
+        layer_name, layer = producer_of[id(inp)]
+        if call_count[name] > 1 or call_count[layer_name] > 1 or not _foldable_pair(layer, mod):
+            continue
+        fold_into(layer, mod)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(parents[parent_name] if parent_name else model, attr, nn.Identity())
+        folded += 1
+    return folded

@@ -1,0 +1,519 @@
+"""Turn a user's float model into a `QuantizedModel`.
+
+Steps: copy the model; fold BatchNorm; swap Conv/Linear (and MultiheadAttention) for quantized
+wrappers; put one activation quantizer on every tensor that a quantized layer reads, right at
+the tensor's producer, so every consumer (residual adds included) sees the same quantized value;
+find reconstruction units. All on the torch.fx graph; a model fx cannot trace falls back to the
+module tree (layer inputs quantized at the layer, `nn.Sequential` children as units).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import logging
+import operator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from ..config import BrecqConfig
+from ..errors import ConfigError, ModelError
+from ..quant import state
+from ..quant.modules import (
+    QUANTIZABLE_LAYERS,
+    QuantizedWeights,
+    QuantLayer,
+    QuantMultiheadAttention,
+)
+from ..quant.quantizers import ActQuantizer, WeightQuantizer
+from .fold_bn import fold_batchnorm_eager, fold_batchnorm_graph
+from .units import UnitPlan, UnitPredicate, plan_units
+
+logger = logging.getLogger(__name__)
+
+_INPUT = "<input>"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One reconstruction unit: a callable module and the quantizers it owns."""
+
+    name: str
+    kind: str
+    module: nn.Module
+    layers: tuple[str, ...]
+    act_quantizers: tuple[str, ...]
+
+
+class QuantizedModel(nn.Module):
+    """A fake-quantized copy of a model, with its layers, activation quantizers and units.
+
+    `network` holds every parameter under the original module names (so its state dict is
+    independent of the unit split); `forward` runs the units in order.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        layers: dict[str, QuantizedWeights],
+        act_quantizers: dict[str, ActQuantizer],
+        units: list[Unit],
+        runner: nn.Module | None,
+        first_layers: tuple[str, ...],
+        last_layers: tuple[str, ...],
+        traced: bool,
+    ) -> None:
+        super().__init__()
+        self.network = network
+        self.layers = layers
+        self.act_quantizers = act_quantizers
+        self.units = units
+        self.first_layers = first_layers
+        self.last_layers = last_layers
+        self.traced = traced
+        # The runner shares the network's modules; registering it would duplicate the state dict.
+        object.__setattr__(self, "_runner", runner)
+
+    def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003
+        return (self._runner or self.network)(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001
+        super()._apply(fn, recurse)
+        if self._runner is not None:
+            self._runner._apply(fn, recurse)  # tensors the unit graphs hold directly
+        return self
+
+    def weight_quantizers(self) -> dict[str, WeightQuantizer]:
+        return {
+            f"{name}.{weight_name}" if weight_name != "weight" else name: quantizer
+            for name, layer in self.layers.items()
+            for weight_name, _, quantizer in layer.weight_quantizers()
+        }
+
+    @contextmanager
+    def quantization(self, *, weights: bool = True, acts: bool = True) -> Iterator[None]:
+        """Run with weight and/or activation quantization switched on or off."""
+        with state.quantization(self.network, weights=weights, acts=acts):
+            yield
+
+    def describe(self) -> list[dict]:
+        """Units with their layers, parameter counts and quantizer bit widths."""
+        rows = []
+        for unit in self.units:
+            params = sum(self.layers[name].num_weight_params for name in unit.layers)
+            rows.append({
+                "name": unit.name,
+                "kind": unit.kind,
+                "layers": list(unit.layers),
+                "weight_bits": {n: self._layer_bits(n) for n in unit.layers},
+                "act_quantizers": {n: self.act_quantizers[n].bits for n in unit.act_quantizers},
+                "params": params,
+            })
+        return rows
+
+    def _layer_bits(self, name: str) -> int:
+        return next(q.bits for _, _, q in self.layers[name].weight_quantizers())
+
+
+# --------------------------------------------------------------------------------------------
+# Bit widths and quantizer construction
+
+
+def _check_names(requested: dict | tuple | None, known: list[str], what: str) -> None:
+    for name in requested or ():
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(
+                f"{what} names {name!r}, which is not a quantized layer of this model{hint}; "
+                "run `brecq info` to list the names"
+            )
+
+
+def _weight_quantizer(config: BrecqConfig, bits: int, weight: Tensor) -> WeightQuantizer:
+    quantizer = WeightQuantizer(
+        bits, symmetric=config.weight_symmetric,
+        per_channel=config.weight_granularity == "channel",
+    )
+    quantizer.calibrate(weight.detach(), config.scale_search, config.lp_norm)
+    return quantizer
+
+
+def _quantized_layer(module: nn.Module, config: BrecqConfig, bits: int) -> QuantizedWeights:
+    if isinstance(module, nn.MultiheadAttention):
+        return QuantMultiheadAttention(
+            module,
+            _weight_quantizer(config, bits, module.in_proj_weight),
+            _weight_quantizer(config, bits, module.out_proj.weight),
+        )
+    return QuantLayer(module, _weight_quantizer(config, bits, module.weight))
+
+
+def _is_quantizable(module: nn.Module) -> bool:
+    if isinstance(module, nn.MultiheadAttention):
+        return module._qkv_same_embed_dim
+    return isinstance(module, QUANTIZABLE_LAYERS)
+
+
+def _layer_bits(name: str, config: BrecqConfig, special: set[str]) -> int:
+    if name in config.layer_bits:
+        return config.layer_bits[name]
+    if config.first_last_bits is not None and name in special:
+        return config.first_last_bits
+    return config.weight_bits
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_name, _, attr = path.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, attr, module)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.fx path
+
+
+class _TensorRecorder(fx.Interpreter):
+    """Marks which nodes produce tensors, so shape arithmetic is not taken for data flow."""
+
+    def run_node(self, node: fx.Node):  # noqa: ANN201
+        result = super().run_node(node)
+        node.meta["brecq_is_tensor"] = isinstance(result, Tensor)
+        return result
+
+
+def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    return [a for a in node.all_input_nodes if a.meta.get("brecq_is_tensor", False)]
+
+
+def _upstream_layers(start: fx.Node, layer_nodes: set[fx.Node]) -> set:
+    """Layers (or the model input) that reach `start` without crossing another layer."""
+    found, stack, seen = set(), [start], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in layer_nodes:
+            found.add(node.target)
+        elif node.op == "placeholder":
+            found.add(_INPUT)
+        else:
+            stack.extend(_tensor_inputs(node))
+    return found
+
+
+def _reaches_output(start: fx.Node, layer_nodes: set[fx.Node]) -> bool:
+    stack, seen = list(start.users), set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "output":
+            return True
+        if node not in layer_nodes:
+            stack.extend(node.users)
+    return False
+
+
+def _activation_inputs(node: fx.Node, module: nn.Module) -> list[fx.Node]:
+    attention = isinstance(module, (QuantMultiheadAttention, nn.MultiheadAttention))
+    count = 3 if attention else 1
+    return [a for a in node.args[:count] if isinstance(a, fx.Node)]
+
+
+def _build_unit_module(gm: fx.GraphModule, nodes: list[fx.Node], plan: UnitPlan):
+    """A GraphModule for nodes[plan.start..plan.end]: external values in, later-used values out."""
+    inside = set(nodes[plan.start : plan.end + 1])
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    inputs: list[fx.Node] = []
+
+    def lookup(value: fx.Node) -> fx.Node:
+        if value not in env:
+            if value.op == "get_attr":
+                env[value] = graph.get_attr(value.target)
+            else:
+                inputs.append(value)
+                env[value] = graph.placeholder(value.name)
+        return env[value]
+
+    for node in nodes[plan.start : plan.end + 1]:
+        for value in node.all_input_nodes:
+            if value not in inside:
+                lookup(value)
+    for node in nodes[plan.start : plan.end + 1]:
+        env[node] = graph.node_copy(node, lookup)
+    outputs = [n for n in nodes[plan.start : plan.end + 1] if any(u not in inside for u in n.users)]
+    graph.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[o] for o in outputs))
+    module = fx.GraphModule(gm, graph, class_name="Unit")
+    return module, inputs, outputs
+
+
+def _build_runner(gm: fx.GraphModule, nodes: list[fx.Node], plans: list[UnitPlan]):
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    units: dict[str, nn.Module] = {}
+    modules = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = graph.node_copy(node)
+    for k, plan in enumerate(plans):
+        module, inputs, outputs = _build_unit_module(gm, nodes, plan)
+        key = f"unit_{k}"
+        units[key] = module
+        modules.append(module)
+        call = graph.call_module(key, tuple(env[v] for v in inputs))
+        if len(outputs) == 1:
+            env[outputs[0]] = call
+        else:
+            for i, out in enumerate(outputs):
+                env[out] = graph.call_function(operator.getitem, (call, i))
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            graph.node_copy(node, lambda value: env[value])
+    return fx.GraphModule(units, graph, class_name="UnitRunner"), modules
+
+
+def _prepare_traced(
+    gm: fx.GraphModule, config: BrecqConfig, example_inputs: tuple,
+    unit_predicate: UnitPredicate | None,
+) -> QuantizedModel:
+    folded = fold_batchnorm_graph(gm)
+    logger.info("folded %d BatchNorm layers into the layers before them", folded)
+    _TensorRecorder(gm).run(*example_inputs)
+
+    layer_nodes = {
+        n for n in gm.graph.nodes
+        if n.op == "call_module" and _is_quantizable(gm.get_submodule(n.target))
+    }
+    names = sorted({n.target for n in layer_nodes})
+    _check_names(config.layer_bits, names, "layer_bits")
+    _check_names(config.first_layers, names, "first_layers")
+    _check_names(config.last_layers, names, "last_layers")
+
+    first = config.first_layers
+    if first is None:
+        first = tuple(sorted({
+            n.target for n in layer_nodes
+            if any(_INPUT in _upstream_layers(a, layer_nodes)
+                   for a in _activation_inputs(n, gm.get_submodule(n.target)))
+        }))
+    last = config.last_layers
+    if last is None:
+        last = tuple(sorted({n.target for n in layer_nodes if _reaches_output(n, layer_nodes)}))
+    special = set(first) | set(last)
+
+    layers: dict[str, QuantizedWeights] = {}
+    for name in names:
+        layer = _quantized_layer(gm.get_submodule(name), config, _layer_bits(name, config, special))
+        _set_submodule(gm, name, layer)
+        layers[name] = layer
+
+    act_quantizers: dict[str, ActQuantizer] = {}
+    if config.act_bits is not None:
+        producers: dict[fx.Node, set[str]] = {}
+        for node in gm.graph.nodes:
+            if node in layer_nodes:
+                for value in _activation_inputs(node, layers[node.target]):
+                    if value.op not in ("placeholder", "get_attr"):
+                        producers.setdefault(value, set()).add(node.target)
+        _check_names(config.act_layer_bits, [p.name for p in producers], "act_layer_bits")
+        for producer, consumers in producers.items():
+            bits = config.act_bits
+            if config.first_last_bits is not None:
+                upstream = _upstream_layers(producer, layer_nodes)
+                feeds_last = bool(consumers & set(last))
+                after_first = bool(upstream) and upstream <= set(first)
+                if feeds_last or after_first:
+                    bits = config.first_last_bits
+            bits = config.act_layer_bits.get(producer.name, bits)
+            quantizer = ActQuantizer(bits, symmetric=config.act_symmetric)
+            key = producer.name
+            gm.add_submodule(key + "_act_quant", quantizer)
+            act_quantizers[key] = quantizer
+            with gm.graph.inserting_after(producer):
+                qnode = gm.graph.call_module(key + "_act_quant", (producer,))
+            qnode.meta["nn_module_stack"] = dict(producer.meta.get("nn_module_stack") or {})
+            qnode.meta["brecq_is_tensor"] = True
+            qnode.meta["brecq_act_quantizer"] = key
+            producer.replace_all_uses_with(
+                qnode, delete_user_cb=lambda user, q=qnode: user is not q and user.op != "output"
+            )
+    gm.graph.lint()
+    gm.recompile()
+
+    plans = plan_units(
+        gm.graph, set(names), config.granularity, config.unit_names, unit_predicate
+    )
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    runner, modules = _build_runner(gm, nodes, plans)
+    units = []
+    for plan, module in zip(plans, modules):
+        aqs = tuple(
+            n.meta["brecq_act_quantizer"] for n in nodes[plan.start : plan.end + 1]
+            if "brecq_act_quantizer" in n.meta
+        )
+        units.append(Unit(plan.name, plan.kind, module, plan.layers, aqs))
+    return QuantizedModel(gm, layers, act_quantizers, units, runner, tuple(first),
+                          tuple(last), traced=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Module-tree fallback
+
+
+def _execution_order(model: nn.Module, example_inputs: tuple) -> tuple[list[str], dict]:
+    """Names of modules in the order they first run, and each layer's input/output tensor ids."""
+    order: list[str] = []
+    io: dict[str, tuple] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        def pre_hook(mod, args, name=name):  # noqa: ANN001
+            if name not in order:
+                order.append(name)  # pre-hooks give parents before their children
+
+        def hook(mod, args, output, name=name):  # noqa: ANN001
+            io.setdefault(name, (args, output))
+
+        handles.append(module.register_forward_pre_hook(pre_hook))
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            output = model(*example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    io[""] = (example_inputs, output)
+    return order, io
+
+
+def _prepare_module_tree(
+    model: nn.Module, config: BrecqConfig, example_inputs: tuple,
+    unit_predicate: UnitPredicate | None,
+) -> QuantizedModel:
+    folded = fold_batchnorm_eager(model, example_inputs)
+    logger.info("folded %d BatchNorm layers into the layers before them", folded)
+    order, io = _execution_order(model, example_inputs)
+    modules = dict(model.named_modules())
+    names = [n for n in order if _is_quantizable(modules[n])]
+    names = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+    if not names:
+        raise ConfigError("the model has no Conv or Linear layer to quantize")
+    _check_names(config.layer_bits, names, "layer_bits")
+    model_in = {id(t) for t in io[""][0] if isinstance(t, Tensor)}
+    model_out = id(io[""][1])
+    first = config.first_layers or tuple(
+        n for n in names if any(id(a) in model_in for a in io[n][0])
+    )
+    last = config.last_layers or tuple(n for n in names if id(io[n][1]) == model_out)
+    special = set(first) | set(last)
+
+    layers: dict[str, QuantizedWeights] = {}
+    act_quantizers: dict[str, ActQuantizer] = {}
+    for name in names:
+        layer = _quantized_layer(modules[name], config, _layer_bits(name, config, special))
+        if config.act_bits is not None and name not in first:
+            bits = config.first_last_bits if (
+                config.first_last_bits is not None and name in last) else config.act_bits
+            bits = config.act_layer_bits.get(name, bits)
+            layer = _InputQuantized(layer, ActQuantizer(bits, symmetric=config.act_symmetric))
+            act_quantizers[name] = layer.input_quantizer
+            layers[name] = layer.layer
+        else:
+            layers[name] = layer
+        _set_submodule(model, name, layer)
+
+    granularity = config.granularity
+    unit_modules: list[str]
+    if config.unit_names or unit_predicate is not None:
+        chosen = list(config.unit_names or []) + [
+            n for n in order if unit_predicate is not None and unit_predicate(n)
+        ]
+        missing = [n for n in chosen if n not in modules]
+        if missing:
+            raise ConfigError(f"unit {missing[0]!r} is not a module of the model: check the name")
+        unit_modules = chosen
+    elif granularity == "layer":
+        unit_modules = list(names)
+    elif granularity == "net":
+        unit_modules = []
+    else:
+        stages = [
+            n for n in order
+            if isinstance(modules[n], nn.Sequential) and any(lay.startswith(n + ".") for lay in names)
+        ]
+        stages = [s for s in stages if not any(s.startswith(o + ".") for o in stages)]
+        if granularity == "stage":
+            unit_modules = stages
+        else:
+            unit_modules = [
+                f"{s}.{child}" for s in stages for child, _ in modules[s].named_children()
+                if any(lay == f"{s}.{child}" or lay.startswith(f"{s}.{child}.") for lay in names)
+            ]
+    units: list[Unit] = []
+    if granularity == "net" and not unit_modules:
+        units.append(Unit("net", "net", model, tuple(names), tuple(act_quantizers)))
+    else:
+        covered = set()
+        ordered = [n for n in order if n in unit_modules or n in names]
+        for name in ordered:
+            if name in covered:
+                continue
+            inner = tuple(lay for lay in names if lay == name or lay.startswith(name + "."))
+            if not inner or any(lay in covered for lay in inner):
+                continue
+            covered.update(inner)
+            covered.add(name)
+            kind = "layer" if len(inner) == 1 and inner[0] == name else (
+                "stage" if granularity == "stage" else "block")
+            units.append(Unit(name, kind, model.get_submodule(name), inner,
+                              tuple(a for a in act_quantizers if a in inner)))
+    return QuantizedModel(model, layers, act_quantizers, units, None, tuple(first), tuple(last),
+                          traced=False)
+
+
+class _InputQuantized(nn.Module):
+    """Fallback placement: quantize a layer's activation input right before the layer."""
+
+    def __init__(self, layer: QuantizedWeights, input_quantizer: ActQuantizer) -> None:
+        super().__init__()
+        self.layer = layer
+        self.input_quantizer = input_quantizer
+
+    def forward(self, x: Tensor, *args, **kwargs):  # noqa: ANN002, ANN003
+        if isinstance(self.layer, QuantMultiheadAttention):
+            args = tuple(self.input_quantizer(a) for a in args[:2]) + tuple(args[2:])
+        return self.layer(self.input_quantizer(x), *args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def prepare(
+    model: nn.Module,
+    config: BrecqConfig,
+    example_inputs: tuple,
+    unit_predicate: Callable[[str], bool] | None = None,
+) -> QuantizedModel:
+    """A quantized copy of `model` (which is left untouched), ready for reconstruction."""
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    work = copy.deepcopy(model).eval()
+    try:
+        traced = fx.symbolic_trace(work)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means: use the module tree
+        logger.warning(
+            "torch.fx cannot trace %s (%s: %s); falling back to the module tree: activation "
+            "inputs are quantized at each layer and nn.Sequential children are the units",
+            type(model).__name__, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "",
+        )
+        return _prepare_module_tree(work, config, example_inputs, unit_predicate)
+    return _prepare_traced(traced, config, example_inputs, unit_predicate)

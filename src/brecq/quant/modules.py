@@ -1,0 +1,97 @@
+"""Quantized stand-ins for weight layers and the activation quantization point.
+
+`QuantLayer` wraps an existing Conv1d/2d/3d or Linear and keeps its float weight untouched: the
+quantized weight is computed from it on the fly, so the float model is always recoverable by
+disabling the quantizer. `QuantMultiheadAttention` does the same for the two projection weights
+of `nn.MultiheadAttention`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .quantizers import WeightQuantizer
+
+QUANTIZABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+class QuantizedWeights(nn.Module):
+    """Base of modules whose weights are quantized; lists (name, weight, quantizer) triples."""
+
+    def weight_quantizers(self) -> Iterator[tuple[str, nn.Parameter, WeightQuantizer]]:
+        raise NotImplementedError
+
+    @property
+    def num_weight_params(self) -> int:
+        return sum(w.numel() for _, w, _ in self.weight_quantizers())
+
+
+class QuantLayer(QuantizedWeights):
+    """A Conv or Linear layer whose weight passes through a `WeightQuantizer`."""
+
+    def __init__(self, layer: nn.Module, quantizer: WeightQuantizer) -> None:
+        super().__init__()
+        if not isinstance(layer, QUANTIZABLE_LAYERS):
+            raise TypeError(f"cannot quantize {type(layer).__name__}")
+        self.layer = layer
+        self.weight_quantizer = quantizer
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.layer.bias
+
+    def weight_quantizers(self) -> Iterator[tuple[str, nn.Parameter, WeightQuantizer]]:
+        yield "weight", self.layer.weight, self.weight_quantizer
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight_quantizer(self.layer.weight)
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(x, weight, self.layer.bias)
+        return self.layer._conv_forward(x, weight, self.layer.bias)
+
+
+class QuantMultiheadAttention(QuantizedWeights):
+    """`nn.MultiheadAttention` with quantized input and output projection weights."""
+
+    def __init__(
+        self, attention: nn.MultiheadAttention, in_quantizer: WeightQuantizer,
+        out_quantizer: WeightQuantizer,
+    ) -> None:
+        super().__init__()
+        if not attention._qkv_same_embed_dim:
+            raise TypeError("MultiheadAttention with separate q/k/v dimensions is not supported")
+        self.attention = attention
+        self.in_proj_quantizer = in_quantizer
+        self.out_proj_quantizer = out_quantizer
+
+    def weight_quantizers(self) -> Iterator[tuple[str, nn.Parameter, WeightQuantizer]]:
+        yield "in_proj_weight", self.attention.in_proj_weight, self.in_proj_quantizer
+        yield "out_proj.weight", self.attention.out_proj.weight, self.out_proj_quantizer
+
+    def forward(
+        self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+        need_weights: bool = True, attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True, is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        attn = self.attention
+        if attn.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, attn.embed_dim, attn.num_heads,
+            self.in_proj_quantizer(attn.in_proj_weight), attn.in_proj_bias,
+            attn.bias_k, attn.bias_v, attn.add_zero_attn, attn.dropout,
+            self.out_proj_quantizer(attn.out_proj.weight), attn.out_proj.bias,
+            training=self.training, key_padding_mask=key_padding_mask,
+            need_weights=need_weights, attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights, is_causal=is_causal,
+        )
+        if attn.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights

@@ -1,0 +1,167 @@
+"""Stateless quantization math: integer ranges, fake quantization, scale search, AdaRound.
+
+Scales and zero points broadcast against the tensor they quantize; per-channel scales have the
+shape [C, 1, 1, ...] for a weight of shape [C, ...]. Nothing here loops over channels in Python.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# AdaRound's rectified sigmoid stretch (Nagel et al. 2020): h(V) reaches exactly 0 and 1.
+ZETA = 1.1
+GAMMA = -0.1
+
+# Scale search grid: candidate clip ranges shrink the observed range by 1% steps, as in BRECQ.
+NUM_CLIP_CANDIDATES = 80
+CLIP_STEP = 0.01
+# Elements per chunk when evaluating many clip candidates at once (bounds temporary memory).
+_SEARCH_CHUNK_ELEMENTS = 1 << 24
+_EPS = 1e-8
+
+
+def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Integer range of a `bits`-bit quantizer: unsigned for affine, signed for symmetric."""
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round to nearest with a straight-through gradient."""
+    return (x.round() - x).detach() + x
+
+
+def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Quantize and dequantize `x`; gradients flow to `x` (STE) and to `scale` (LSQ)."""
+    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def quantize_to_int(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Integer codes of `x` (as a float tensor of whole numbers)."""
+    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+
+
+def scale_from_range(
+    lo: Tensor, hi: Tensor, qmin: int, qmax: int, symmetric: bool
+) -> tuple[Tensor, Tensor]:
+    """Scale and zero point that map the clip range [lo, hi] onto [qmin, qmax].
+
+    The range always contains zero so that zero is exactly representable; a zero-width range
+    gets a tiny positive scale instead of dividing by zero.
+    """
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    if symmetric:
+        scale = (torch.maximum(-lo, hi) / qmax).clamp_min(_EPS)
+        return scale, torch.zeros_like(scale)
+    scale = ((hi - lo) / (qmax - qmin)).clamp_min(_EPS)
+    zero_point = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
+    return scale, zero_point
+
+
+def _per_row(x: Tensor, per_channel: bool) -> Tensor:
+    return x.reshape(x.shape[0], -1) if per_channel else x.reshape(1, -1)
+
+
+def _as_broadcast(values: Tensor, like: Tensor, per_channel: bool) -> Tensor:
+    if per_channel:
+        return values.reshape(like.shape[0], *([1] * (like.dim() - 1)))
+    return values.reshape(())
+
+
+def search_scale(
+    x: Tensor,
+    bits: int,
+    *,
+    symmetric: bool = False,
+    per_channel: bool = True,
+    method: str = "lp",
+    p: float = 2.4,
+) -> tuple[Tensor, Tensor]:
+    """Initial scale and zero point for quantizing `x`.
+
+    `method="minmax"` uses the observed range. `method="lp"` shrinks the range in 1% steps
+    (80 candidates) and keeps, per channel, the one with the smallest sum |x - Q(x)|^p; all
+    channels and a chunk of candidates are evaluated in one tensor expression.
+    Returns tensors that broadcast against `x` (shape [C, 1, ...] per channel, [] per tensor).
+    """
+    if method not in ("lp", "minmax"):
+        raise ValueError(f"unknown scale search method {method!r}: use 'lp' or 'minmax'")
+    qmin, qmax = int_range(bits, symmetric)
+    rows = _per_row(x.detach().float(), per_channel)
+    lo = rows.amin(dim=1)
+    hi = rows.amax(dim=1)
+    if method == "minmax":
+        scale, zero_point = scale_from_range(lo, hi, qmin, qmax, symmetric)
+        return _as_broadcast(scale, x, per_channel), _as_broadcast(zero_point, x, per_channel)
+
+    ratios = 1.0 - CLIP_STEP * torch.arange(NUM_CLIP_CANDIDATES, device=rows.device)
+    chunk = max(1, _SEARCH_CHUNK_ELEMENTS // max(1, rows.numel()))
+    best_err = torch.full_like(lo, math.inf)
+    best_ratio = torch.ones_like(lo)
+    for start in range(0, NUM_CLIP_CANDIDATES, chunk):
+        r = ratios[start : start + chunk].reshape(-1, 1)  # [R, 1]
+        scale, zero_point = scale_from_range(lo * r, hi * r, qmin, qmax, symmetric)  # [R, C]
+        xq = fake_quant(rows.unsqueeze(0), scale.unsqueeze(-1), zero_point.unsqueeze(-1), qmin, qmax)
+        err = (xq - rows.unsqueeze(0)).abs().pow(p).sum(dim=-1)  # [R, C]
+        chunk_err, chunk_idx = err.min(dim=0)
+        better = chunk_err < best_err
+        best_err = torch.where(better, chunk_err, best_err)
+        best_ratio = torch.where(better, r.squeeze(1)[chunk_idx], best_ratio)
+    scale, zero_point = scale_from_range(lo * best_ratio, hi * best_ratio, qmin, qmax, symmetric)
+    return _as_broadcast(scale, x, per_channel), _as_broadcast(zero_point, x, per_channel)
+
+
+def rectified_sigmoid(v: Tensor) -> Tensor:
+    """AdaRound's h(V): a sigmoid stretched to (GAMMA, ZETA) and clipped to [0, 1]."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def adaround_init(w: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """Floor of w/scale and the rounding variable V with h(V) equal to the fractional part."""
+    scaled = w / scale
+    w_floor = torch.floor(scaled)
+    frac = (scaled - w_floor).clamp(0.0, 1.0)
+    # Invert h on its unclipped part; fractions at the ends map to finite, saturating values.
+    ratio = ((frac - GAMMA) / (ZETA - GAMMA)).clamp(1e-6, 1 - 1e-6)
+    v = torch.log(ratio / (1 - ratio))
+    return w_floor, v
+
+
+def adaround_fake_quant(
+    w_floor: Tensor, h: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int
+) -> Tensor:
+    """Dequantized weight with rounding offset `h` in [0, 1] added to floor(w/scale)."""
+    q = torch.clamp(w_floor + h + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def rounding_regularizer(v: Tensor, beta: float) -> Tensor:
+    """sum(1 - |2h(V) - 1|^beta): pushes every h(V) towards 0 or 1 as beta decreases."""
+    return (1 - (2 * rectified_sigmoid(v) - 1).abs().pow(beta)).sum()
+
+
+def beta_schedule(step: int, total: int, warmup: float, start: float, end: float) -> float | None:
+    """Annealed beta at `step`, or None during the warm-up (regularizer off)."""
+    warm_steps = int(warmup * total)
+    if step < warm_steps:
+        return None
+    progress = (step - warm_steps) / max(1, total - warm_steps)
+    return end + (start - end) * max(0.0, 1.0 - progress)
+
+
+def lp_error(pred: Tensor, target: Tensor, p: float = 2.0, weight: Tensor | None = None) -> Tensor:
+    """Per-sample error summed over the second dimension and averaged over the rest.
+
+    With p=2 and a 4-D conv output this is the squared error summed over channels, averaged over
+    batch and positions, which fixes the balance against the rounding regularizer's lambda.
+    """
+    err = (pred - target).abs().pow(p)
+    if weight is not None:
+        err = err * weight
+    return err.mean() * (err.shape[1] if err.dim() > 1 else 1)

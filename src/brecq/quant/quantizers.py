@@ -1,0 +1,189 @@
+"""Weight and activation quantizer modules.
+
+Each quantizer owns its scale and zero point and changes state only through its own methods
+(`calibrate`, `begin_adaround`, `set_soft`, `harden`, `enable`, ...); model-wide switches in
+`brecq.quant.state` call these methods inside context managers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..config import check_bits
+from . import primitives as P
+
+
+class WeightQuantizer(nn.Module):
+    """Per-channel or per-tensor affine weight quantizer with optional AdaRound rounding.
+
+    Rounding is round-to-nearest until `begin_adaround` creates the rounding variable `alpha`;
+    then it is soft (`h(alpha)`, differentiable) or hard (`alpha >= 0`) as `set_soft` chooses.
+    """
+
+    def __init__(self, bits: int, *, symmetric: bool = False, per_channel: bool = True) -> None:
+        super().__init__()
+        self.bits = check_bits(bits, "weight bits")
+        self.symmetric = symmetric
+        self.per_channel = per_channel
+        self.qmin, self.qmax = P.int_range(bits, symmetric)
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("zero_point", torch.zeros(()))
+        self.register_buffer("w_floor", None)
+        self.alpha: nn.Parameter | None = None
+        self.soft = False
+        self.enabled = True
+
+    def extra_repr(self) -> str:
+        kind = "channel" if self.per_channel else "tensor"
+        rounding = "nearest" if self.alpha is None else ("soft" if self.soft else "learned")
+        return f"bits={self.bits}, symmetric={self.symmetric}, per_{kind}, rounding={rounding}"
+
+    @torch.no_grad()
+    def calibrate(self, weight: Tensor, method: str = "lp", p: float = 2.4) -> None:
+        """Initialize scale and zero point from the float weight."""
+        scale, zero_point = P.search_scale(
+            weight, self.bits, symmetric=self.symmetric, per_channel=self.per_channel,
+            method=method, p=p,
+        )
+        self.scale = scale.to(weight.dtype)
+        self.zero_point = zero_point.to(weight.dtype)
+
+    @torch.no_grad()
+    def begin_adaround(self, weight: Tensor) -> nn.Parameter:
+        """Create the rounding variable, starting where soft rounding reproduces `weight`."""
+        w_floor, v = P.adaround_init(weight, self.scale)
+        self.w_floor = w_floor
+        self.alpha = nn.Parameter(v)
+        self.soft = True
+        return self.alpha
+
+    def set_soft(self, soft: bool) -> None:
+        if soft and self.alpha is None:
+            raise RuntimeError("soft rounding needs begin_adaround() first")
+        self.soft = soft
+
+    def enable(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    @property
+    def learned(self) -> bool:
+        return self.alpha is not None
+
+    def rounding_offset(self) -> Tensor:
+        assert self.alpha is not None
+        if self.soft:
+            return P.rectified_sigmoid(self.alpha)
+        return (self.alpha >= 0).to(self.alpha.dtype)
+
+    def regularizer(self, beta: float) -> Tensor:
+        assert self.alpha is not None
+        return P.rounding_regularizer(self.alpha, beta)
+
+    def int_weight(self, weight: Tensor) -> Tensor:
+        """Integer codes of the quantized weight (whole numbers in [qmin, qmax])."""
+        if self.alpha is None:
+            return P.quantize_to_int(weight, self.scale, self.zero_point, self.qmin, self.qmax)
+        hard = (self.alpha >= 0).to(weight.dtype)
+        return torch.clamp(self.w_floor + hard + self.zero_point, self.qmin, self.qmax)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if not self.enabled:
+            return weight
+        if self.alpha is None:
+            return P.fake_quant(weight, self.scale, self.zero_point, self.qmin, self.qmax)
+        return P.adaround_fake_quant(
+            self.w_floor, self.rounding_offset(), self.scale, self.zero_point, self.qmin, self.qmax
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        # Learned rounding and per-channel scales change tensor shapes; adopt the saved ones.
+        for name in ("scale", "zero_point", "w_floor"):
+            key = prefix + name
+            if key in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[key]))
+        alpha_key = prefix + "alpha"
+        if alpha_key in state_dict and self.alpha is None:
+            self.alpha = nn.Parameter(torch.empty_like(state_dict[alpha_key]))
+            self.soft = False
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor activation quantizer with a learnable step size (LSQ).
+
+    Its scale is initialized by `calibrate` or, inside a `calibrating` context, from the first
+    tensor it sees. With a drop probability set (QDrop), each element keeps its float value with
+    that probability.
+    """
+
+    def __init__(self, bits: int, *, symmetric: bool = False) -> None:
+        super().__init__()
+        self.bits = check_bits(bits, "activation bits")
+        self.symmetric = symmetric
+        self.qmin, self.qmax = P.int_range(bits, symmetric)
+        self.scale = nn.Parameter(torch.ones(()))
+        self.register_buffer("zero_point", torch.zeros(()))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.enabled = True
+        self.drop_prob = 0.0
+        self._calibration: tuple[str, float] | None = None
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, symmetric={self.symmetric}"
+
+    @torch.no_grad()
+    def calibrate(self, x: Tensor, method: str = "lp", p: float = 2.4) -> None:
+        """Initialize scale and zero point from a sample of the tensor this quantizer sees."""
+        sample = x.detach().reshape(-1).float()
+        if not torch.isfinite(sample).all():
+            raise FloatingPointError("activation contains NaN or inf; check the input data")
+        scale, zero_point = P.search_scale(
+            _subsample(sample), self.bits, symmetric=self.symmetric, per_channel=False,
+            method=method, p=p,
+        )
+        self.scale.copy_(scale.reshape(()))
+        self.zero_point.copy_(zero_point.reshape(()))
+        self.initialized.fill_(True)
+
+    def begin_calibration(self, method: str, p: float) -> None:
+        self._calibration = (method, p)
+
+    def end_calibration(self) -> None:
+        self._calibration = None
+
+    def enable(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def set_drop(self, prob: float) -> None:
+        self.drop_prob = prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        if not bool(self.initialized):
+            if self._calibration is None:
+                raise RuntimeError(
+                    "activation quantizer used before its scale was initialized: run it inside "
+                    "brecq.quant.state.calibrating(...) or call calibrate() first"
+                )
+            self.calibrate(x, *self._calibration)
+        xq = P.fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax)
+        if self.drop_prob > 0:
+            keep_float = torch.rand_like(x) < self.drop_prob
+            xq = torch.where(keep_float, x, xq)
+        return xq
+
+
+# Above this many elements the Lp search runs on an evenly strided subsample; min/max come from it
+# too, which is what the Lp search shrinks anyway.
+_MAX_SEARCH_ELEMENTS = 1 << 18
+
+
+def _subsample(flat: Tensor) -> Tensor:
+    if flat.numel() <= _MAX_SEARCH_ELEMENTS:
+        return flat
+    stride = flat.numel() // _MAX_SEARCH_ELEMENTS + 1
+    sample = flat[::stride]
+    # Keep the true extremes so the largest candidate range still covers the data.
+    return torch.cat([sample, flat.min().reshape(1), flat.max().reshape(1)])

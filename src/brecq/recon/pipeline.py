@@ -1,0 +1,316 @@
+"""All units in order: capture their inputs and targets, optimize, move on.
+
+BRECQ runs two passes over the units: learned rounding with activations off, then activation
+step sizes with everything on. QDrop runs one pass that learns both, dropping quantization of
+activations at random. `rtn` stops after initializing scales (round-to-nearest baseline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from ..config import BrecqConfig
+from ..errors import DataError, ModelError
+from ..graph.prepare import QuantizedModel, Unit, prepare
+from ..quant import state
+from .cache import ActivationCache
+from .reconstruct import FP_IN, FP_OUT, GRAD, Q_IN, Schedule, optimize_unit
+
+logger = logging.getLogger(__name__)
+
+CAPTURE_BATCH = 128
+
+
+@dataclass
+class UnitReport:
+    name: str
+    kind: str
+    phase: str  # "weights", "activations" or "joint"
+    layers: int
+    params: int
+    loss_before: float
+    loss_after: float
+    seconds: float
+
+
+@dataclass
+class QuantizationReport:
+    config: dict
+    units: list[UnitReport] = field(default_factory=list)
+    recon_seconds: float = 0.0
+    device: str = ""
+
+    def to_dict(self) -> dict:
+        return {
+            "config": self.config,
+            "device": self.device,
+            "units": [asdict(u) for u in self.units],
+            "recon_seconds": self.recon_seconds,
+        }
+
+    def log(self) -> None:
+        for u in self.units:
+            logger.info(
+                "%-32s %-6s %-11s %8d params  loss %.5g -> %.5g  %.1fs", u.name, u.kind, u.phase,
+                u.params, u.loss_before, u.loss_after, u.seconds,
+            )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ModelError(f"device {name!r} is not a valid torch device: use cpu, cuda or auto") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {name!r} asked for but CUDA is not available: use --device cpu")
+    return device
+
+
+def calibration_tensor(data: Tensor | DataLoader | Iterable, limit: int) -> Tensor:
+    """The first `limit` calibration samples as one tensor, checked for NaN/inf."""
+    if isinstance(data, Tensor):
+        samples = data[:limit]
+    else:
+        chunks, total = [], 0
+        for batch in data:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if not isinstance(x, Tensor):
+                raise DataError("calibration batches must be tensors or (tensor, label) pairs")
+            chunks.append(x)
+            total += x.shape[0]
+            if total >= limit:
+                break
+        if not chunks:
+            raise DataError("the calibration data is empty: pass at least one sample")
+        samples = torch.cat(chunks)[:limit]
+    if samples.shape[0] == 0:
+        raise DataError("the calibration data is empty: pass at least one sample")
+    if not torch.isfinite(samples).all():
+        bad = int((~torch.isfinite(samples)).flatten(1).any(1).sum())
+        raise DataError(
+            f"{bad} calibration sample(s) contain NaN or inf: clean or drop them before quantizing"
+        )
+    if samples.shape[0] < limit:
+        logger.warning("calibration data has %d samples, fewer than the %d asked for",
+                       samples.shape[0], limit)
+    return samples
+
+
+class _Captured(Exception):
+    """Raised from a hook to stop the forward pass once the unit has run."""
+
+
+def _batches(data: Tensor, device: torch.device, batch: int = CAPTURE_BATCH):
+    for start in range(0, data.shape[0], batch):
+        yield data[start : start + batch].to(device)
+
+
+@torch.no_grad()
+def capture(
+    qmodel: QuantizedModel, unit: Unit, data: Tensor, device: torch.device,
+    cache: ActivationCache, *, weights: bool, acts: bool, inputs_key: str | None,
+    outputs_key: str | None,
+) -> None:
+    """Run the network (in the given quantization state) up to `unit`; cache its inputs/outputs."""
+
+    def hook(module, args, output):  # noqa: ANN001
+        if inputs_key is not None:
+            for k, value in enumerate(args):
+                cache.append(f"{inputs_key}{k}", value)
+        if outputs_key is not None:
+            outs = output if isinstance(output, (tuple, list)) else (output,)
+            for k, value in enumerate(outs):
+                cache.append(f"{outputs_key}{k}", value)
+        raise _Captured
+
+    handle = unit.module.register_forward_hook(hook)
+    try:
+        with qmodel.quantization(weights=weights, acts=acts):
+            for x in _batches(data, device):
+                with contextlib.suppress(_Captured):
+                    qmodel(x)
+    finally:
+        handle.remove()
+    cache.finish()
+
+
+def _logits(output) -> Tensor:  # noqa: ANN001
+    if isinstance(output, Tensor):
+        return output
+    raise ModelError(
+        "the Fisher loss needs a model that returns a logits tensor; use --loss mse for this model"
+    )
+
+
+@torch.no_grad()
+def float_logits(qmodel: QuantizedModel, data: Tensor, device: torch.device) -> Tensor:
+    with qmodel.quantization(weights=False, acts=False):
+        return torch.cat([_logits(qmodel(x)).float().cpu() for x in _batches(data, device)])
+
+
+def capture_fisher(
+    qmodel: QuantizedModel, unit: Unit, data: Tensor, fp_logits: Tensor, device: torch.device,
+    cache: ActivationCache, *, acts: bool,
+) -> None:
+    """Squared gradient of KL(float || quantized network) at the unit output, mean-normalized.
+
+    The network runs in its current quantization state (earlier units reconstructed, this and
+    later ones at their initial rounding); the gradient is taken at the unit's quantized output.
+    """
+    outputs: list[Tensor] = []
+
+    def hook(module, args, output):  # noqa: ANN001
+        outs = output if isinstance(output, (tuple, list)) else (output,)
+        leaves = [o.detach().requires_grad_(True) for o in outs]
+        outputs.extend(leaves)
+        return type(output)(leaves) if isinstance(output, (tuple, list)) else leaves[0]
+
+    handle = unit.module.register_forward_hook(hook)
+    grads: list[list[Tensor]] = []
+    try:
+        with qmodel.quantization(weights=True, acts=acts):
+            for start, x in zip(range(0, data.shape[0], CAPTURE_BATCH), _batches(data, device)):
+                outputs.clear()
+                target = fp_logits[start : start + x.shape[0]].to(device)
+                logits = _logits(qmodel(x))
+                kl = F.kl_div(F.log_softmax(logits, dim=1), F.log_softmax(target, dim=1),
+                              reduction="sum", log_target=True)
+                gs = torch.autograd.grad(kl, outputs, allow_unused=True)
+                grads.append([
+                    (g if g is not None else torch.zeros_like(o)).detach()
+                    for g, o in zip(gs, outputs)
+                ])
+    finally:
+        handle.remove()
+    for k in range(len(grads[0])):
+        squared = torch.cat([g[k] for g in grads]).pow(2)
+        cache.append(f"{GRAD}{k}", squared / squared.mean().clamp_min(1e-12))
+    cache.finish()
+
+
+def _unit_params(qmodel: QuantizedModel, unit: Unit) -> int:
+    return sum(qmodel.layers[name].num_weight_params for name in unit.layers)
+
+
+@torch.no_grad()
+def initialize_activations(qmodel: QuantizedModel, data: Tensor, config: BrecqConfig,
+                           device: torch.device) -> None:
+    """Set every activation scale from one forward pass, each seeing quantized upstream values."""
+    if not qmodel.act_quantizers:
+        return
+    sample = data[: config.act_init_samples or 1].to(device)
+    with qmodel.quantization(weights=True, acts=True), state.calibrating(
+        qmodel.act_quantizers.values(), config.scale_search, config.lp_norm
+    ):
+        qmodel(sample)
+
+
+def _reconstruct_pass(
+    qmodel: QuantizedModel, data: Tensor, config: BrecqConfig, device: torch.device,
+    storage: torch.device, report: QuantizationReport, *, phase: str,
+    fp_logits: Tensor | None, generator: torch.Generator,
+    on_unit_done: Callable[[int, str], None] | None,
+) -> None:
+    learn_weights = phase in ("weights", "joint")
+    acts_on = phase in ("activations", "joint")
+    iters = config.iters_w if learn_weights else config.iters_a
+    schedule = Schedule(
+        iters=iters, batch_size=config.batch_size, weight_lr=config.weight_lr,
+        act_lr=config.effective_act_lr, round_lambda=config.round_lambda,
+        beta_start=config.beta_start, beta_end=config.beta_end, warmup=config.warmup,
+        loss_p=2.0 if learn_weights else config.act_loss_p,
+        drop_prob=config.drop_prob if phase == "joint" else 0.0,
+    )
+    for k, unit in enumerate(qmodel.units):
+        started = time.perf_counter()
+        cache = ActivationCache(device, storage)
+        capture(qmodel, unit, data, device, cache, weights=True, acts=acts_on,
+                inputs_key=Q_IN, outputs_key=None)
+        capture(qmodel, unit, data, device, cache, weights=False, acts=False,
+                inputs_key=FP_IN if phase == "joint" else None, outputs_key=FP_OUT)
+        if fp_logits is not None:
+            capture_fisher(qmodel, unit, data, fp_logits, device, cache, acts=acts_on)
+        weight_qs = []
+        if learn_weights:
+            weight_qs = [
+                (q, w.detach()) for name in unit.layers
+                for _, w, q in qmodel.layers[name].weight_quantizers()
+            ]
+        act_qs = [qmodel.act_quantizers[n] for n in unit.act_quantizers] if acts_on else []
+        with qmodel.quantization(weights=True, acts=acts_on):
+            before, after = optimize_unit(
+                unit.module, cache, weight_qs, act_qs, schedule, generator,
+                description=f"{phase[:1]} {k + 1}/{len(qmodel.units)} {unit.name}",
+            )
+        cache.clear()
+        unit_report = UnitReport(unit.name, unit.kind, phase, len(unit.layers),
+                                 _unit_params(qmodel, unit), before, after,
+                                 time.perf_counter() - started)
+        report.units.append(unit_report)
+        logger.info("%s unit %d/%d %s: loss %.5g -> %.5g (%.1fs)", phase, k + 1,
+                    len(qmodel.units), unit.name, before, after, unit_report.seconds)
+        if on_unit_done is not None:
+            on_unit_done(k, phase)
+
+
+def quantize(
+    model: nn.Module,
+    calib_data: Tensor | DataLoader | Iterable,
+    config: BrecqConfig | None = None,
+    *,
+    unit_predicate: Callable[[str], bool] | None = None,
+) -> tuple[QuantizedModel, QuantizationReport]:
+    """Quantize `model` post-training; the model itself is left untouched.
+
+    `calib_data` is a tensor of samples or an iterable of batches (tensors or (x, y) pairs).
+    `unit_predicate(module_name)` may choose the reconstruction units instead of discovery.
+    Returns the fake-quantized model and a per-unit report.
+    """
+    config = config or BrecqConfig()
+    device = resolve_device(config.device)
+    storage = device if config.cache_device == "auto" else resolve_device(config.cache_device)
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    data = calibration_tensor(calib_data, config.calib_size)
+
+    started = time.perf_counter()
+    was_training = model.training
+    try:
+        qmodel = prepare(model, config, (data[:2],), unit_predicate)
+    finally:
+        model.train(was_training)
+    qmodel.to(device)
+    report = QuantizationReport(config=config.to_dict(), device=str(device))
+    fp_logits = float_logits(qmodel, data, device) if config.loss == "fisher" else None
+
+    if config.method == "brecq":
+        _reconstruct_pass(qmodel, data, config, device, storage, report, phase="weights",
+                          fp_logits=fp_logits, generator=generator, on_unit_done=None)
+        initialize_activations(qmodel, data, config, device)
+        if qmodel.act_quantizers:
+            _reconstruct_pass(qmodel, data, config, device, storage, report,
+                              phase="activations", fp_logits=fp_logits, generator=generator,
+                              on_unit_done=None)
+    elif config.method == "qdrop":
+        initialize_activations(qmodel, data, config, device)
+        _reconstruct_pass(qmodel, data, config, device, storage, report, phase="joint",
+                          fp_logits=fp_logits, generator=generator, on_unit_done=None)
+    else:
+        initialize_activations(qmodel, data, config, device)
+    report.recon_seconds = time.perf_counter() - started
+    return qmodel, report

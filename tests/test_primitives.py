@@ -1,0 +1,125 @@
+"""The stateless quantization math."""
+
+import math
+
+import pytest
+import torch
+
+from brecq.quant import primitives as P
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_round_trip_error_is_at_most_half_a_step_inside_the_range(bits, symmetric):
+    torch.manual_seed(0)
+    w = torch.randn(16, 3, 3, 3)
+    scale, zp = P.search_scale(w, bits, symmetric=symmetric, method="minmax")
+    qmin, qmax = P.int_range(bits, symmetric)
+    wq = P.fake_quant(w, scale, zp, qmin, qmax)
+    # Values at the ends may be clipped by the rounded zero point, by at most half a step too.
+    assert ((wq - w).abs() <= scale / 2 + 1e-6).all()
+
+
+def test_per_channel_scales_follow_each_channel_range():
+    w = torch.stack([torch.linspace(-1, 1, 50), torch.linspace(-10, 10, 50), torch.zeros(50)])
+    scale, zp = P.search_scale(w, 4, method="minmax")
+    assert scale.shape == (3, 1)
+    assert scale[1, 0] == pytest.approx(10 * scale[0, 0].item(), rel=1e-5)
+
+
+def test_zero_range_channel_gives_finite_values():
+    w = torch.zeros(4, 8)
+    w[0] = torch.randn(8)
+    for method in ("lp", "minmax"):
+        scale, zp = P.search_scale(w, 4, method=method)
+        wq = P.fake_quant(w, scale, zp, *P.int_range(4, False))
+        assert torch.isfinite(scale).all() and torch.isfinite(wq).all()
+        assert torch.equal(wq[1:], torch.zeros(3, 8))
+
+
+def test_lp_search_is_no_worse_than_minmax_in_lp_error():
+    torch.manual_seed(1)
+    w = torch.randn(32, 64) * torch.rand(32, 1) * 3
+    w[:, 0] *= 8  # outliers make clipping worthwhile
+    qmin, qmax = P.int_range(3, False)
+    errors = {}
+    for method in ("lp", "minmax"):
+        scale, zp = P.search_scale(w, 3, method=method, p=2.4)
+        errors[method] = (P.fake_quant(w, scale, zp, qmin, qmax) - w).abs().pow(2.4).sum(1)
+    assert (errors["lp"] <= errors["minmax"] + 1e-5).all()
+    assert errors["lp"].sum() < 0.9 * errors["minmax"].sum()
+
+
+def test_lp_search_matches_a_per_channel_brute_force():
+    torch.manual_seed(2)
+    w = torch.randn(5, 40)
+    scale, zp = P.search_scale(w, 3, method="lp", p=2.4)
+    qmin, qmax = P.int_range(3, False)
+    for c in range(5):  # reference: one channel at a time
+        best = math.inf
+        for i in range(P.NUM_CLIP_CANDIDATES):
+            r = 1 - P.CLIP_STEP * i
+            s, z = P.scale_from_range(w[c].min() * r, w[c].max() * r, qmin, qmax, False)
+            best = min(best, float((P.fake_quant(w[c], s, z, qmin, qmax) - w[c]).abs().pow(2.4).sum()))
+        got = float((P.fake_quant(w[c], scale[c], zp[c], qmin, qmax) - w[c]).abs().pow(2.4).sum())
+        assert got == pytest.approx(best, rel=1e-4)
+
+
+def test_round_ste_passes_gradient_straight_through():
+    x = torch.tensor([0.2, 1.7, -2.4], requires_grad=True)
+    P.round_ste(x).sum().backward()
+    assert torch.equal(x.grad, torch.ones(3))
+
+
+def test_scale_receives_gradient_for_step_size_learning():
+    x = torch.randn(100)
+    scale = torch.tensor(0.1, requires_grad=True)
+    P.fake_quant(x, scale, torch.tensor(8.0), 0, 15).pow(2).sum().backward()
+    assert scale.grad is not None and scale.grad != 0
+
+
+def test_adaround_starts_at_the_float_weight_and_hard_rounding_moves_at_most_one_step():
+    torch.manual_seed(3)
+    w = torch.randn(8, 4, 3, 3)
+    scale, zp = P.search_scale(w, 4, method="minmax")
+    qmin, qmax = P.int_range(4, False)
+    w_floor, v = P.adaround_init(w, scale)
+    soft = P.adaround_fake_quant(w_floor, P.rectified_sigmoid(v), scale, zp, qmin, qmax)
+    representable = (w >= (qmin - zp) * scale) & (w <= (qmax - zp) * scale)
+    assert representable.float().mean() > 0.9
+    assert torch.allclose(soft[representable], w[representable], atol=1e-5)
+    v_random = torch.randn_like(v) * 5
+    hard = P.adaround_fake_quant(w_floor, (v_random >= 0).float(), scale, zp, qmin, qmax)
+    codes = torch.round(hard / scale + zp) - zp
+    nearest = P.fake_quant(w, scale, zp, qmin, qmax)
+    assert ((codes - w_floor)[representable] >= 0).all()
+    assert ((codes - w_floor)[representable] <= 1).all()
+    # Hard rounding is never more than one step from round-to-nearest.
+    assert ((hard - nearest).abs() <= scale + 1e-6).all()
+
+
+def test_rectified_sigmoid_reaches_exact_zero_and_one():
+    h = P.rectified_sigmoid(torch.tensor([-20.0, 0.0, 20.0]))
+    assert h[0] == 0 and h[2] == 1 and 0 < h[1] < 1
+
+
+def test_rounding_regularizer_is_zero_when_rounding_is_decided():
+    v = torch.tensor([-20.0, 20.0, -30.0])
+    assert P.rounding_regularizer(v, 2.0) == 0
+    assert P.rounding_regularizer(torch.zeros(3), 2.0) == pytest.approx(3.0)
+
+
+def test_beta_schedule_warms_up_then_anneals_linearly():
+    total = 1000
+    assert P.beta_schedule(0, total, 0.2, 20, 2) is None
+    assert P.beta_schedule(199, total, 0.2, 20, 2) is None
+    assert P.beta_schedule(200, total, 0.2, 20, 2) == pytest.approx(20)
+    assert P.beta_schedule(600, total, 0.2, 20, 2) == pytest.approx(11)
+    assert P.beta_schedule(999, total, 0.2, 20, 2) == pytest.approx(2, abs=0.05)
+
+
+def test_lp_error_weights_elements():
+    pred, target = torch.ones(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
+    assert P.lp_error(pred, target) == pytest.approx(3.0)  # summed over channels
+    weight = torch.zeros_like(pred)
+    assert P.lp_error(pred, target, weight=weight) == 0
