@@ -1,21 +1,33 @@
 """brecq: post-training quantization of PyTorch models by block reconstruction."""
 
 from .config import BrecqConfig
-from .errors import BrecqError, ConfigError, DataError, ModelError
+from .errors import (
+    BrecqError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    ModelError,
+    ReconstructionError,
+)
+from .export import load_quantized, save_quantized
 from .graph.prepare import QuantizedModel, Unit, prepare
 from .recon.pipeline import QuantizationReport, UnitReport, quantize
 
 __all__ = [
     "BrecqConfig",
     "BrecqError",
+    "CheckpointError",
     "ConfigError",
     "DataError",
     "ModelError",
     "QuantizationReport",
     "QuantizedModel",
+    "ReconstructionError",
     "Unit",
     "UnitReport",
+    "load_quantized",
     "prepare",
     "quantize",
+    "save_quantized",
 ]
 __version__ = "0.1.0"

@@ -18,3 +18,11 @@ class DataError(BrecqError):
 
 class ModelError(BrecqError):
     """A model name is unknown, a checkpoint is missing or does not match the model."""
+
+
+class ReconstructionError(BrecqError):
+    """A unit could not be reconstructed (out of memory, non-finite loss)."""
+
+
+class CheckpointError(BrecqError):
+    """A resume checkpoint is missing, unreadable or belongs to a different run."""

@@ -98,13 +98,14 @@ class WeightQuantizer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         # Learned rounding and per-channel scales change tensor shapes; adopt the saved ones.
+        device = self.scale.device
         for name in ("scale", "zero_point", "w_floor"):
             key = prefix + name
             if key in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[key]))
+                setattr(self, name, torch.empty_like(state_dict[key], device=device))
         alpha_key = prefix + "alpha"
         if alpha_key in state_dict and self.alpha is None:
-            self.alpha = nn.Parameter(torch.empty_like(state_dict[alpha_key]))
+            self.alpha = nn.Parameter(torch.empty_like(state_dict[alpha_key], device=device))
             self.soft = False
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +20,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..config import BrecqConfig
-from ..errors import DataError, ModelError
+from ..errors import DataError, ModelError, ReconstructionError
 from ..graph.prepare import QuantizedModel, Unit, prepare
 from ..quant import state
 from .cache import ActivationCache
+from .checkpoint import RunCheckpoint
 from .reconstruct import FP_IN, FP_OUT, GRAD, Q_IN, Schedule, optimize_unit
 
 logger = logging.getLogger(__name__)
@@ -223,11 +225,9 @@ def initialize_activations(qmodel: QuantizedModel, data: Tensor, config: BrecqCo
 def _reconstruct_pass(
     qmodel: QuantizedModel, data: Tensor, config: BrecqConfig, device: torch.device,
     storage: torch.device, report: QuantizationReport, *, phase: str,
-    fp_logits: Tensor | None, generator: torch.Generator,
-    on_unit_done: Callable[[int, str], None] | None,
+    fp_logits: Tensor | None, generator: torch.Generator, checkpoint: RunCheckpoint,
 ) -> None:
     learn_weights = phase in ("weights", "joint")
-    acts_on = phase in ("activations", "joint")
     iters = config.iters_w if learn_weights else config.iters_a
     schedule = Schedule(
         iters=iters, batch_size=config.batch_size, weight_lr=config.weight_lr,
@@ -237,8 +237,39 @@ def _reconstruct_pass(
         drop_prob=config.drop_prob if phase == "joint" else 0.0,
     )
     for k, unit in enumerate(qmodel.units):
+        if checkpoint.is_done(phase, k):
+            continue
         started = time.perf_counter()
-        cache = ActivationCache(device, storage)
+        try:
+            before, after = _reconstruct_unit(
+                qmodel, unit, k, data, config, device, storage, phase=phase,
+                schedule=schedule, fp_logits=fp_logits, generator=generator,
+            )
+        except torch.OutOfMemoryError as exc:
+            raise ReconstructionError(
+                f"out of memory while reconstructing unit {unit.name!r} ({phase}): lower "
+                f"--batch-size (now {config.batch_size}), keep the cache on the host with "
+                f"--cache-device cpu, or use fewer --calib-size samples; "
+                f"{checkpoint.resume_hint()}"
+            ) from exc
+        unit_report = UnitReport(unit.name, unit.kind, phase, len(unit.layers),
+                                 _unit_params(qmodel, unit), before, after,
+                                 time.perf_counter() - started)
+        report.units.append(unit_report)
+        logger.info("%s unit %d/%d %s: loss %.5g -> %.5g (%.1fs)", phase, k + 1,
+                    len(qmodel.units), unit.name, before, after, unit_report.seconds)
+        checkpoint.mark_done(phase, k, qmodel, report, generator)
+
+
+def _reconstruct_unit(
+    qmodel: QuantizedModel, unit: Unit, k: int, data: Tensor, config: BrecqConfig,
+    device: torch.device, storage: torch.device, *, phase: str, schedule: Schedule,
+    fp_logits: Tensor | None, generator: torch.Generator,
+) -> tuple[float, float]:
+    learn_weights = phase in ("weights", "joint")
+    acts_on = phase in ("activations", "joint")
+    cache = ActivationCache(device, storage)
+    try:
         capture(qmodel, unit, data, device, cache, weights=True, acts=acts_on,
                 inputs_key=Q_IN, outputs_key=None)
         capture(qmodel, unit, data, device, cache, weights=False, acts=False,
@@ -253,19 +284,12 @@ def _reconstruct_pass(
             ]
         act_qs = [qmodel.act_quantizers[n] for n in unit.act_quantizers] if acts_on else []
         with qmodel.quantization(weights=True, acts=acts_on):
-            before, after = optimize_unit(
+            return optimize_unit(
                 unit.module, cache, weight_qs, act_qs, schedule, generator,
                 description=f"{phase[:1]} {k + 1}/{len(qmodel.units)} {unit.name}",
             )
+    finally:
         cache.clear()
-        unit_report = UnitReport(unit.name, unit.kind, phase, len(unit.layers),
-                                 _unit_params(qmodel, unit), before, after,
-                                 time.perf_counter() - started)
-        report.units.append(unit_report)
-        logger.info("%s unit %d/%d %s: loss %.5g -> %.5g (%.1fs)", phase, k + 1,
-                    len(qmodel.units), unit.name, before, after, unit_report.seconds)
-        if on_unit_done is not None:
-            on_unit_done(k, phase)
 
 
 def quantize(
@@ -274,11 +298,15 @@ def quantize(
     config: BrecqConfig | None = None,
     *,
     unit_predicate: Callable[[str], bool] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> tuple[QuantizedModel, QuantizationReport]:
     """Quantize `model` post-training; the model itself is left untouched.
 
     `calib_data` is a tensor of samples or an iterable of batches (tensors or (x, y) pairs).
     `unit_predicate(module_name)` may choose the reconstruction units instead of discovery.
+    With `checkpoint_dir`, progress is saved after every unit; `resume=True` continues from
+    there and ends with the same result as an uninterrupted run.
     Returns the fake-quantized model and a per-unit report.
     """
     config = config or BrecqConfig()
@@ -296,21 +324,27 @@ def quantize(
         model.train(was_training)
     qmodel.to(device)
     report = QuantizationReport(config=config.to_dict(), device=str(device))
+    checkpoint = RunCheckpoint(checkpoint_dir, config, data)
+    if resume:
+        checkpoint.restore(qmodel, report, generator)
     fp_logits = float_logits(qmodel, data, device) if config.loss == "fisher" else None
+    common = dict(fp_logits=fp_logits, generator=generator, checkpoint=checkpoint)
 
     if config.method == "brecq":
-        _reconstruct_pass(qmodel, data, config, device, storage, report, phase="weights",
-                          fp_logits=fp_logits, generator=generator, on_unit_done=None)
-        initialize_activations(qmodel, data, config, device)
+        _reconstruct_pass(qmodel, data, config, device, storage, report, phase="weights", **common)
         if qmodel.act_quantizers:
+            if not checkpoint.is_done("init", 0):
+                initialize_activations(qmodel, data, config, device)
+                checkpoint.mark_done("init", 0, qmodel, report, generator)
             _reconstruct_pass(qmodel, data, config, device, storage, report,
-                              phase="activations", fp_logits=fp_logits, generator=generator,
-                              on_unit_done=None)
+                              phase="activations", **common)
     elif config.method == "qdrop":
-        initialize_activations(qmodel, data, config, device)
-        _reconstruct_pass(qmodel, data, config, device, storage, report, phase="joint",
-                          fp_logits=fp_logits, generator=generator, on_unit_done=None)
+        if not checkpoint.is_done("init", 0):
+            initialize_activations(qmodel, data, config, device)
+            checkpoint.mark_done("init", 0, qmodel, report, generator)
+        _reconstruct_pass(qmodel, data, config, device, storage, report, phase="joint", **common)
     else:
         initialize_activations(qmodel, data, config, device)
     report.recon_seconds = time.perf_counter() - started
+    checkpoint.finish()
     return qmodel, report

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..errors import ReconstructionError
 from ..quant import primitives as P
 from ..quant import state
 from ..quant.quantizers import ActQuantizer, WeightQuantizer
@@ -29,7 +30,7 @@ FP_OUT = "fp_out/"
 GRAD = "grad/"
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(ReconstructionError, FloatingPointError):
     """The reconstruction loss became NaN or inf."""
 
 
@@ -149,7 +150,8 @@ def optimize_unit(
                 value = float(loss.detach())
                 if not torch.isfinite(torch.tensor(value)):
                     raise NonFiniteLossError(
-                        f"reconstruction loss became {value} at iteration {step} of {description}"
+                        f"reconstruction loss became {value} at iteration {step} of {description}:"
+                        " check the calibration data for extreme values, or lower --w-lr/--a-lr"
                     )
                 bar.set_postfix(loss=f"{value:.4g}")
     after = objective.full_error()

@@ -1,0 +1,494 @@
+"""Top-1 accuracy of post-training quantization on the pretrained CIFAR-10 ResNets.
+
+Runs every (model, method, bit setting, seed) combination asked for, appends each finished run
+as one JSON line to ``benchmarks/results/<name>.jsonl`` (a re-run skips runs already there) and
+writes a Markdown table ``<name>.md`` and a plot ``<name>.png`` at the end (or with
+``--report-only``).
+
+Example (CPU budget, ResNet-20, one seed)::
+
+    OMP_NUM_THREADS=1 python benchmarks/accuracy.py --models resnet20 --seeds 0 \\
+        --methods brecq-block,rtn --bits W4A4,W2A4,W2A32 --budget cpu
+
+See benchmarks/README.md for all flags and the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from brecq.config import BrecqConfig
+from brecq.data import ImageFolderDataset, eval_loader, load_calibration
+from brecq.evaluate import evaluate
+from brecq.models import build_model
+from brecq.recon.pipeline import quantize, resolve_device
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SHARED = REPO.parent / "shared"
+DEFAULT_DATA = SHARED / "data" / "cifar10"
+DEFAULT_WEIGHTS = SHARED / "weights" / "cifar10"
+RESULTS = HERE / "results"
+
+MODELS = {"resnet20": "cifar_resnet20", "resnet56": "cifar_resnet56"}
+
+# Benchmark method name -> BrecqConfig fields.
+METHODS: dict[str, dict[str, Any]] = {
+    "rtn": {"method": "rtn", "granularity": "block"},
+    "adaround": {"method": "brecq", "granularity": "layer"},
+    "brecq-layer": {"method": "brecq", "granularity": "layer"},
+    "brecq-block": {"method": "brecq", "granularity": "block"},
+    "brecq-stage": {"method": "brecq", "granularity": "stage"},
+    "brecq-net": {"method": "brecq", "granularity": "net"},
+    "brecq-fisher": {"method": "brecq", "granularity": "block", "loss": "fisher"},
+    "qdrop": {"method": "qdrop", "granularity": "block"},
+}
+BITS = ("W4A32", "W3A32", "W2A32", "W4A4", "W3A3", "W2A4", "W2A2")
+BUDGETS = {"cpu": {"iters_w": 2000, "iters_a": 500}, "paper": {"iters_w": 20000, "iters_a": 5000}}
+
+# Reference top-1 (%) on CIFAR-10 ResNet-20 from the original research code, same model and data
+# (BRECQ: 2,000 weight / 1,000 activation iterations; QDrop: its original code). Shown in the
+# Markdown report for comparison only.
+REFERENCE = {
+    "resnet20": {
+        "FP32": {"fp": 81.03},
+        "ref: BRECQ code": {"W4A32": 80.91, "W4A4": 78.86, "W3A32": 80.79, "W3A3": 76.21,
+                            "W2A32": 78.65, "W2A4": 75.70, "W2A2": 53.77},
+        "ref: round-to-nearest": {"W4A32": 80.10, "W3A32": 72.93, "W2A32": 23.61},
+        "ref: QDrop code": {"W4A4": 79.87, "W2A4": 77.79, "W2A2": 66.84},
+    }
+}
+
+log = logging.getLogger("accuracy")
+
+
+def parse_bits(label: str) -> tuple[int, int | None]:
+    """'W4A32' -> (4, None); 'W2A4' -> (2, 4)."""
+    text = label.strip().upper()
+    if not text.startswith("W") or "A" not in text:
+        raise argparse.ArgumentTypeError(f"bit setting {label!r} is not of the form W<bits>A<bits>")
+    w, a = text[1:].split("A", 1)
+    try:
+        wb, ab = int(w), int(a)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"bit setting {label!r} is not of the form W4A4") from exc
+    return wb, (None if ab >= 32 else ab)
+
+
+def csv_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parse_seeds(text: str) -> list[int]:
+    return [int(s) for s in csv_list(text)]
+
+
+def peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024.0 if sys.platform != "darwin" else peak / 2**20
+
+
+def run_key(rec: dict[str, Any]) -> tuple:
+    return (rec["model"], rec["method"], rec["bits"], rec["seed"], rec["budget"], rec["eval_split"],
+            rec["eval_count_requested"])
+
+
+def load_records(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s:%d is not valid JSON (an interrupted write?): ignored", path, line_no)
+    return out
+
+
+def append_record(path: Path, rec: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(json.dumps(rec) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+class EvalData:
+    """The evaluation images as tensors, loaded once per process (and per transform)."""
+
+    def __init__(self, data_dir: Path, transform: Any, split: str, size: int | None,
+                 calib_size: int, holdout_size: int) -> None:
+        self.data_dir, self.transform = data_dir, transform
+        self.split, self.size = split, size
+        self.calib_size, self.holdout_size = calib_size, holdout_size
+        self._pair: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def holdout_indices(self, dataset: ImageFolderDataset) -> list[int]:
+        """Train images that no calibration draw of seeds 0-9 uses: a fixed seeded subset.
+
+        `load_calibration(seed=s)` takes the first `calib_size` entries of
+        `randperm(len(train), seed=s)` (later ones only replace unreadable files); the first
+        `2 * calib_size` entries of each of those permutations are excluded.
+        """
+        n = len(dataset)
+        used: set[int] = set()
+        for s in range(10):
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(s))
+            used.update(perm[: 2 * self.calib_size].tolist())
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(1_000_003)).tolist()
+        return [i for i in order if i not in used][: self.holdout_size]  # random class mix
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._pair is not None:
+            return self._pair
+        started = time.perf_counter()
+        if self.split == "holdout":
+            dataset = ImageFolderDataset(self.data_dir, "train", self.transform)
+            idx = self.holdout_indices(dataset)
+            if self.size is not None:
+                idx = idx[: self.size]
+            images, labels = [], []
+            for i in idx:
+                img = dataset.load(i)
+                if img is None:
+                    continue
+                images.append(img)
+                labels.append(dataset.samples[i][1])
+            x, y = torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+        else:
+            loader = eval_loader(self.data_dir, self.transform, split="val", batch_size=500,
+                                 num_workers=0)
+            xs, ys = zip(*loader)
+            x, y = torch.cat(xs), torch.cat(ys)
+            if self.size is not None and self.size < x.shape[0]:
+                # A fixed random subset: the files are sorted by class, so a prefix is one class.
+                keep = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
+                keep = keep[: self.size]
+                x, y = x[keep], y[keep]
+        log.info("loaded %d %s images for evaluation in %.1fs", x.shape[0], self.split,
+                 time.perf_counter() - started)
+        self._pair = (x, y)
+        return self._pair
+
+
+def make_config(method: str, bits: str, seed: int, args: argparse.Namespace) -> BrecqConfig:
+    wb, ab = parse_bits(bits)
+    return BrecqConfig(
+        weight_bits=wb, act_bits=ab, seed=seed, device=args.device, calib_size=args.calib_size,
+        iters_w=args.iters_w, iters_a=args.iters_a, **METHODS[method],
+    )
+
+
+def base_record(model: str, method: str, bits: str, seed: int | None,
+                args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "model": model, "method": method, "bits": bits, "seed": seed, "budget": args.budget_label,
+        "eval_split": "holdout" if args.holdout else "val",
+        "eval_count_requested": args.eval_size,
+    }
+
+
+def run_all(args: argparse.Namespace, out_jsonl: Path) -> None:
+    done = {run_key(r) for r in load_records(out_jsonl)}
+    for model_key in args.models:
+        weights = args.weights_dir / f"{model_key}.pt"
+        model, prep = build_model(MODELS[model_key], weights=weights)
+        model.eval()
+        transform = prep.to_transform()
+        data = EvalData(args.data, transform, "holdout" if args.holdout else "val",
+                        args.eval_size, args.calib_size, args.holdout_size)
+        device = resolve_device(args.device)
+
+        fp_rec = base_record(model_key, "fp", "FP32", None, args)
+        if run_key(fp_rec) not in done:
+            started = time.perf_counter()
+            res = evaluate(model, data.get(), device, batch_size=500, progress=False, desc="fp")
+            fp_rec.update(top1=res["top1"], top5=res["top5"], eval_count=res["count"],
+                          seconds=time.perf_counter() - started, recon_seconds=0.0,
+                          peak_rss_mb=peak_rss_mb(), device=str(device))
+            _finish(out_jsonl, fp_rec, done)
+
+        for seed in args.seeds:
+            todo = [(m, b) for m in args.methods for b in args.bits
+                    if run_key(base_record(model_key, m, b, seed, args)) not in done]
+            if not todo:
+                continue
+            calib = load_calibration(args.data, transform, num_samples=args.calib_size, seed=seed)
+            for method, bits in todo:
+                rec = base_record(model_key, method, bits, seed, args)
+                # Another process appending to the same file may have finished it meanwhile.
+                done |= {run_key(r) for r in load_records(out_jsonl)}
+                if run_key(rec) in done:
+                    continue
+                config = make_config(method, bits, seed, args)
+                log.info("=== %s %s %s seed %d (%s, iters %d/%d)", model_key, method, bits, seed,
+                         args.budget, config.iters_w, config.iters_a)
+                started = time.perf_counter()
+                qmodel, report = quantize(model, calib, config)
+                run_device = torch.device(report.device)
+                res = evaluate(qmodel, data.get(), run_device, batch_size=500, progress=False,
+                               desc=f"{method} {bits}")
+                rec.update(
+                    top1=res["top1"], top5=res["top5"], eval_count=res["count"],
+                    seconds=time.perf_counter() - started, recon_seconds=report.recon_seconds,
+                    peak_rss_mb=peak_rss_mb(), device=report.device,
+                    config={k: v for k, v in config.to_dict().items()
+                            if k in ("method", "granularity", "loss", "iters_w", "iters_a",
+                                     "weight_bits", "act_bits", "first_last_bits", "calib_size",
+                                     "batch_size")},
+                    units=[{"name": u.name, "phase": u.phase, "loss_before": u.loss_before,
+                            "loss_after": u.loss_after, "seconds": round(u.seconds, 2)}
+                           for u in report.units],
+                    host=platform.node(), torch_threads=torch.get_num_threads(),
+                )
+                _finish(out_jsonl, rec, done)
+                del qmodel
+
+
+def _finish(out_jsonl: Path, rec: dict[str, Any], done: set) -> None:
+    rec["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    append_record(out_jsonl, rec)
+    done.add(run_key(rec))
+    log.info("RESULT %s %s %s seed %s: top-1 %.2f%% (%d images) in %.1fs, peak RSS %.0f MB",
+             rec["model"], rec["method"], rec["bits"], rec["seed"], rec["top1"], rec["eval_count"],
+             rec["seconds"], rec["peak_rss_mb"])
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _group(records: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    seen: set[tuple] = set()
+    for r in records:
+        key = run_key(r)
+        if key in seen:  # keep the first copy of a duplicated run
+            continue
+        seen.add(key)
+        groups[(r["model"], r["method"], r["bits"])].append(r)
+    return groups
+
+
+def _stats(runs: list[dict[str, Any]]) -> tuple[float, float, int]:
+    tops = [r["top1"] for r in runs]
+    return statistics.fmean(tops), (statistics.stdev(tops) if len(tops) > 1 else 0.0), len(tops)
+
+
+def _cell(runs: list[dict[str, Any]] | None) -> str:
+    if not runs:
+        return ""
+    mean, std, n = _stats(runs)
+    return f"{mean:.2f} ± {std:.2f} (n={n})"
+
+
+def _bits_order(labels: set[str]) -> list[str]:
+    known = [b for b in BITS if b in labels]
+    return known + sorted(labels - set(known) - {"FP32"})
+
+
+def write_markdown(records: list[dict[str, Any]], path: Path, title: str) -> None:
+    groups = _group(records)
+    lines = [f"# {title}", ""]
+    for model in sorted({m for m, _, _ in groups}):
+        recs = [r for r in records if r["model"] == model]
+        bits = _bits_order({r["bits"] for r in recs})
+        methods = [m for m in ("fp", *METHODS)
+                   if any((model, m, b) in groups for b in [*bits, "FP32"])]
+        split = {r["eval_split"] for r in recs}
+        counts = {r.get("eval_count") for r in recs}
+        budgets = {r["budget"] for r in recs if r["method"] != "fp"}
+        lines += [f"## {model}", "",
+                  f"Top-1 (%) on {', '.join(sorted(split))} ({', '.join(map(str, sorted(counts)))}"
+                  f" images), mean ± std over seeds (n = seeds); budget {', '.join(sorted(budgets))}.",
+                  ""]
+        cols = ["FP32", *bits]
+        lines.append("| method | " + " | ".join(cols) + " |")
+        lines.append("|---" * (len(cols) + 1) + "|")
+        for m in methods:
+            label = "full precision" if m == "fp" else m
+            cells = [_cell(groups.get((model, m, b))) for b in cols]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        for name, vals in REFERENCE.get(model, {}).items():
+            label = "ref: full precision" if name == "FP32" else name
+            vals = {"FP32": vals["fp"]} if name == "FP32" else vals
+            lines.append(f"| {label} | " + " | ".join(
+                f"{vals[b]:.2f}" if b in vals else "" for b in cols) + " |")
+        lines += ["", "Mean wall seconds per run (quantization + evaluation) and peak RSS:", "",
+                  "| method | bits | runs | seconds | recon seconds | peak RSS MB | device |",
+                  "|---|---|---|---|---|---|---|"]
+        for (mm, m, b), runs in sorted(groups.items()):
+            if mm != model:
+                continue
+            secs = statistics.fmean(r["seconds"] for r in runs)
+            rsec = statistics.fmean(r.get("recon_seconds", 0.0) for r in runs)
+            rss = max(r["peak_rss_mb"] for r in runs)
+            dev = ",".join(sorted({r["device"] for r in runs}))
+            lines.append(f"| {m} | {b} | {len(runs)} | {secs:.0f} | {rsec:.0f} | {rss:.0f} | {dev} |")
+        lines.append("")
+    lines.append("Reference rows: original research code on the same model and data (BRECQ with "
+                 "2,000 weight / 1,000 activation iterations); first and last layer 8-bit.")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _group(records)
+    models = sorted({m for m, _, _ in groups})
+    acts = sorted({parse_bits(b)[1] or 32 for _, _, b in groups if b != "FP32"}, reverse=True)
+    if not models or not acts:
+        return
+    fig, axes = plt.subplots(len(models), len(acts), figsize=(4.2 * len(acts), 3.6 * len(models)),
+                             squeeze=False, sharey="row")
+    cmap = plt.get_cmap("tab10")
+    colors = {m: cmap(i % 10) for i, m in enumerate(METHODS)}
+    for i, model in enumerate(models):
+        fp = groups.get((model, "fp", "FP32"))
+        for j, a in enumerate(acts):
+            ax = axes[i][j]
+            for method in METHODS:
+                pts = []
+                for (mm, m, b), runs in groups.items():
+                    if mm != model or m != method or b == "FP32":
+                        continue
+                    wb, ab = parse_bits(b)
+                    if (ab or 32) == a:
+                        mean, std, _ = _stats(runs)
+                        pts.append((wb, mean, std))
+                if pts:
+                    pts.sort()
+                    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                                marker="o", capsize=3, label=method, color=colors[method])
+            if fp:
+                ax.axhline(_stats(fp)[0], color="k", ls="--", lw=1, label="FP32")
+            ax.set_title(f"{model}, A{a if a != 32 else '32 (weight-only)'}")
+            ax.set_xlabel("weight bits")
+            ax.set_xticks([2, 3, 4])
+            ax.grid(alpha=0.3)
+            if j == 0:
+                ax.set_ylabel("top-1 (%)")
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(out_jsonl: Path, name: str) -> None:
+    records = load_records(out_jsonl)
+    if not records:
+        print(f"no results in {out_jsonl} yet: nothing to report")
+        return
+    title = f"Post-training quantization accuracy: {name}"
+    md, png = out_jsonl.with_suffix(".md"), out_jsonl.with_suffix(".png")
+    write_markdown(records, md, title)
+    write_plot(records, png, title)
+    print(f"wrote {md} and {png}")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                   help="CIFAR-10 in ImageNet layout (train/<class>/, val/<class>/)")
+    p.add_argument("--weights-dir", type=Path, default=DEFAULT_WEIGHTS,
+                   help="folder with resnet20.pt / resnet56.pt")
+    p.add_argument("--models", type=csv_list, default=["resnet20", "resnet56"],
+                   help=f"comma list of {', '.join(MODELS)}")
+    p.add_argument("--methods", type=csv_list, default=list(METHODS),
+                   help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--bits", type=csv_list, default=list(BITS), help="comma list, e.g. W4A4,W2A32")
+    p.add_argument("--budget", choices=sorted(BUDGETS), default="cpu",
+                   help="cpu: 2000 weight / 500 activation iterations; paper: 20000 / 5000")
+    p.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2],
+                   help="comma list of seeds (e.g. 0 or 0,1,2)")
+    p.add_argument("--iters-w", type=int, default=None, help="override the budget's weight iterations")
+    p.add_argument("--iters-a", type=int, default=None,
+                   help="override the budget's activation iterations")
+    p.add_argument("--calib-size", type=int, default=1024, help="calibration images from train")
+    p.add_argument("--eval-size", type=int, default=None,
+                   help="evaluate on only the first N images (quick checks; default: all)")
+    p.add_argument("--holdout", action="store_true",
+                   help="evaluate on held-out train images never used for calibration instead "
+                        "of val (for choosing settings without tuning on val)")
+    p.add_argument("--holdout-size", type=int, default=2000, help="size of the held-out split")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    p.add_argument("--name", default=None,
+                   help="results name (default: accuracy_<budget>[_holdout][_evalN])")
+    p.add_argument("--results-dir", type=Path, default=RESULTS)
+    p.add_argument("--report-only", action="store_true",
+                   help="only (re)write the .md and .png from the .jsonl")
+    p.add_argument("--no-report", action="store_true",
+                   help="do not write .md/.png at the end (when other processes share the file)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
+                        datefmt="%H:%M:%S")
+    for m in args.models:
+        if m not in MODELS:
+            raise SystemExit(f"unknown model {m!r}: choose from {', '.join(MODELS)}")
+    for m in args.methods:
+        if m not in METHODS:
+            raise SystemExit(f"unknown method {m!r}: choose from {', '.join(METHODS)}")
+    args.bits = [b.upper() for b in args.bits]
+    budget = BUDGETS[args.budget]
+    args.budget_label = args.budget
+    if args.iters_w is not None or args.iters_a is not None:
+        args.iters_w = budget["iters_w"] if args.iters_w is None else args.iters_w
+        args.iters_a = budget["iters_a"] if args.iters_a is None else args.iters_a
+        args.budget_label = f"w{args.iters_w}a{args.iters_a}"
+    args.iters_w = budget["iters_w"] if args.iters_w is None else args.iters_w
+    args.iters_a = budget["iters_a"] if args.iters_a is None else args.iters_a
+    for b in args.bits:
+        parse_bits(b)
+    name = args.name or "accuracy_{}{}{}".format(
+        args.budget_label, "_holdout" if args.holdout else "",
+        f"_eval{args.eval_size}" if args.eval_size else "")
+    out_jsonl = args.results_dir / f"{name}.jsonl"
+    if args.report_only:
+        write_report(out_jsonl, name)
+        return 0
+
+    missing = [str(p) for p in [args.data / "train", args.data / "val"] if not p.is_dir()]
+    missing += [str(args.weights_dir / f"{m}.pt") for m in args.models
+                if not (args.weights_dir / f"{m}.pt").is_file()]
+    if missing:
+        print("SKIP: benchmark data or weights not found: " + ", ".join(missing)
+              + " (pass --data / --weights-dir)")
+        return 0
+
+    torch.set_num_threads(max(1, args.threads))
+    log.info("results -> %s (%d threads)", out_jsonl, torch.get_num_threads())
+    run_all(args, out_jsonl)
+    if not args.no_report:
+        write_report(out_jsonl, name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

