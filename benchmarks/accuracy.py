@@ -132,26 +132,32 @@ class EvalData:
     """The evaluation images as tensors, loaded once per process (and per transform)."""
 
     def __init__(self, data_dir: Path, transform: Any, split: str, size: int | None,
-                 calib_size: int, holdout_size: int) -> None:
+                 calib_size: int, holdout_size: int, max_seed: int = 0) -> None:
         self.data_dir, self.transform = data_dir, transform
         self.split, self.size = split, size
-        self.calib_size, self.holdout_size = calib_size, holdout_size
+        self.calib_size, self.holdout_size, self.max_seed = calib_size, holdout_size, max_seed
         self._pair: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def holdout_indices(self, dataset: ImageFolderDataset) -> list[int]:
-        """Train images that no calibration draw of seeds 0-9 uses: a fixed seeded subset.
+        """Train images that no calibration draw of the seeds in use takes: a fixed seeded subset.
 
         `load_calibration(seed=s)` takes the first `calib_size` entries of
         `randperm(len(train), seed=s)` (later ones only replace unreadable files); the first
-        `2 * calib_size` entries of each of those permutations are excluded.
+        `calib_size + 64` entries are excluded for seeds 0..max(4, largest seed in use), so the
+        held-out set is the same for every run with seeds below 5.
         """
         n = len(dataset)
         used: set[int] = set()
-        for s in range(10):
+        for s in range(max(5, self.max_seed + 1)):
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(s))
-            used.update(perm[: 2 * self.calib_size].tolist())
+            used.update(perm[: self.calib_size + 64].tolist())
         order = torch.randperm(n, generator=torch.Generator().manual_seed(1_000_003)).tolist()
-        return [i for i in order if i not in used][: self.holdout_size]  # random class mix
+        picked = [i for i in order if i not in used][: self.holdout_size]  # random class mix
+        if len(picked) < self.holdout_size:
+            log.warning("only %d train images are never used for calibration: the held-out "
+                        "split has %d images, not %d", len(picked), len(picked),
+                        self.holdout_size)
+        return picked
 
     def get(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._pair is not None:
@@ -211,7 +217,7 @@ def run_all(args: argparse.Namespace, out_jsonl: Path) -> None:
         model.eval()
         transform = prep.to_transform()
         data = EvalData(args.data, transform, "holdout" if args.holdout else "val",
-                        args.eval_size, args.calib_size, args.holdout_size)
+                        args.eval_size, args.calib_size, args.holdout_size, max(args.seeds))
         device = resolve_device(args.device)
 
         fp_rec = base_record(model_key, "fp", "FP32", None, args)
@@ -382,6 +388,7 @@ def write_plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
             ax.set_title(f"{model}, A{a if a != 32 else '32 (weight-only)'}")
             ax.set_xlabel("weight bits")
             ax.set_xticks([2, 3, 4])
+            ax.set_xlim(1.7, 4.3)
             ax.grid(alpha=0.3)
             if j == 0:
                 ax.set_ylabel("top-1 (%)")

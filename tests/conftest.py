@@ -1,9 +1,16 @@
 """Shared fixtures: tiny models and the optional ../shared data."""
 
+import os
 from pathlib import Path
 
-import pytest
-import torch
+# The suite is many tiny models: one thread each avoids oversubscribing small CI machines, and
+# subprocesses started by tests inherit the setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

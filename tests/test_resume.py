@@ -13,7 +13,7 @@ import torch
 from brecq import BrecqConfig, CheckpointError, quantize
 from brecq.demo import DemoResNet
 
-CONFIG = dict(weight_bits=2, act_bits=4, iters_w=30, iters_a=15, calib_size=16, batch_size=4,
+CONFIG = dict(weight_bits=2, act_bits=4, iters_w=100, iters_a=50, calib_size=16, batch_size=4,
               act_init_samples=8, device="cpu", seed=3)
 
 SCRIPT = textwrap.dedent(
@@ -22,8 +22,8 @@ SCRIPT = textwrap.dedent(
     from brecq import BrecqConfig, quantize
     from brecq.demo import DemoResNet
     torch.manual_seed(0)
-    model = cifar_resnet20().eval()
-    calib = torch.randn(16, 3, 32, 32)
+    model = DemoResNet().eval()
+    calib = torch.randn(16, 1, 28, 28)
     quantize(model, calib, BrecqConfig(**{config!r}), checkpoint_dir=sys.argv[1])
     """
 )
