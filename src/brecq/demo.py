@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .fileio import atomic_torch_save
 
 __all__ = [
     "DEMO_VERSION",
@@ -180,18 +181,6 @@ def _train_loop(
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def _atomic_save(state: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def pretrained_demo_model(
     cache_dir: str | os.PathLike[str] | None = None, device: str | torch.device = "cpu"
 ) -> DemoResNet:
@@ -219,7 +208,7 @@ def pretrained_demo_model(
         state = _train(device)
         model.load_state_dict(state, strict=True)
         try:
-            _atomic_save(state, path)
+            atomic_torch_save(state, path)
         except OSError as exc:
             logger.warning("could not cache the demo model in %s (%s)", path, exc)
     return model.to(device).eval()

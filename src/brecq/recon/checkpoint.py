@@ -8,8 +8,6 @@ run would have taken from that point, and ends with the same parameters.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from torch import Tensor
 
 from ..config import BrecqConfig
 from ..errors import CheckpointError
+from ..fileio import atomic_torch_save
 
 logger = logging.getLogger(__name__)
 
@@ -30,19 +29,6 @@ _IGNORED_KEYS = ("cache_device",)
 def _fingerprint(data: Tensor) -> list[float]:
     flat = data.detach().double().reshape(data.shape[0], -1)
     return [float(data.shape[0]), float(flat.shape[1]), float(flat.sum()), float(flat.abs().sum())]
-
-
-def atomic_save(obj: object, path: Path) -> None:
-    """Write with torch.save to a temporary file, then rename over `path` in one step."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class RunCheckpoint:
@@ -81,7 +67,7 @@ class RunCheckpoint:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
-        atomic_save(payload, self.path)
+        atomic_torch_save(payload, self.path)
 
     def restore(self, qmodel, report, generator) -> None:  # noqa: ANN001
         from .pipeline import UnitReport
