@@ -11,10 +11,13 @@ from brecq import BrecqConfig, ConfigError, prepare, quantize
 from brecq.models.cifar_resnet import cifar_resnet20
 from brecq.quant.modules import QuantLayer, QuantMultiheadAttention
 
-TINY = dict(iters_w=2, iters_a=2, calib_size=8, batch_size=4, act_init_samples=4, device="cpu")
+# Min-max scales skip the Lp search, whose cost on ResNet-50 dominates tests that do not need it.
+TINY = dict(iters_w=2, iters_a=2, calib_size=8, batch_size=4, act_init_samples=4, device="cpu",
+            scale_search="minmax")
 
 
 def _units(model, shape=(2, 3, 32, 32), **config):
+    config.setdefault("scale_search", "minmax")
     q = prepare(model.eval(), BrecqConfig(**config), (torch.randn(*shape),))
     return q, {u.name: u for u in q.units}
 
