@@ -170,3 +170,17 @@ def test_act_clip_makes_a4_codes_exact():
     codes = torch.clamp(torch.round(x.clamp(lo, hi) / qdq.scale) + int(qdq.zero_point), 0, 255)
     assert codes.min() == 0 and codes.max() == 15
     assert torch.equal((codes - int(qdq.zero_point)) * qdq.scale, q(x))
+
+
+def test_save_without_example_input_uses_the_prepared_shape(tmp_path):
+    from brecq.demo import DemoResNet
+
+    model = DemoResNet().eval()
+    calib = torch.randn(16, 1, 28, 28)
+    config = BrecqConfig(weight_bits=2, act_bits=4, iters_w=5, iters_a=5, calib_size=16,
+                         batch_size=8, act_init_samples=8, device="cpu")
+    qmodel, _ = quantize(model, calib, config)
+    save_quantized(qmodel, tmp_path / "art", config=config)
+    loaded = load_quantized(DemoResNet().eval(), tmp_path / "art")
+    with torch.no_grad():
+        assert torch.equal(loaded(calib), qmodel(calib))

@@ -225,7 +225,7 @@ def save_quantized(
         )
     info = dict(model_info or {})
     if "input_shape" not in info:
-        shape = _input_shape(info, example_input)
+        shape = _input_shape(info, example_input) or qmodel.example_input_shape
         if shape is not None:
             info["input_shape"] = shape
         else:

@@ -76,6 +76,9 @@ class QuantizedModel(nn.Module):
         self.first_layers = first_layers
         self.last_layers = last_layers
         self.traced = traced
+        # Shape of the example input the model was prepared with (batch of 1): enough to
+        # rebuild the same units when a saved model is loaded.
+        self.example_input_shape: list[int] | None = None
         # The runner shares the network's modules; registering it would duplicate the state dict.
         object.__setattr__(self, "_runner", runner)
 
@@ -515,5 +518,9 @@ def prepare(
             "inputs are quantized at each layer and nn.Sequential children are the units",
             type(model).__name__, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "",
         )
-        return _prepare_module_tree(work, config, example_inputs, unit_predicate)
-    return _prepare_traced(traced, config, example_inputs, unit_predicate)
+        qmodel = _prepare_module_tree(work, config, example_inputs, unit_predicate)
+    else:
+        qmodel = _prepare_traced(traced, config, example_inputs, unit_predicate)
+    if len(example_inputs) == 1 and isinstance(example_inputs[0], Tensor):
+        qmodel.example_input_shape = [1, *example_inputs[0].shape[1:]]
+    return qmodel
