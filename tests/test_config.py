@@ -47,3 +47,16 @@ def test_weight_only_label_and_method_default_lr():
     assert BrecqConfig(weight_bits=2, act_bits=None).label == "W2A32"
     assert BrecqConfig(method="qdrop").effective_act_lr == pytest.approx(4e-5)
     assert BrecqConfig(method="brecq").effective_act_lr == pytest.approx(4e-4)
+
+
+def test_unavailable_device_is_a_clear_config_error():
+    import torch
+
+    from brecq.recon.pipeline import resolve_device
+
+    with pytest.raises(ConfigError, match="not a valid torch device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="use --device cpu"):
+            resolve_device("cuda")
+    assert resolve_device("cpu").type == "cpu"

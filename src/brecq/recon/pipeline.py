@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..config import BrecqConfig
-from ..errors import DataError, ModelError, ReconstructionError
+from ..errors import ConfigError, DataError, ModelError, ReconstructionError
 from ..graph.prepare import QuantizedModel, Unit, prepare
 from ..quant import state
 from .cache import ActivationCache
@@ -77,9 +77,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise ModelError(f"device {name!r} is not a valid torch device: use cpu, cuda or auto") from exc
+        raise ConfigError(f"device {name!r} is not a valid torch device: use cpu, cuda or auto") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"device {name!r} asked for but CUDA is not available: use --device cpu")
+        raise ConfigError(f"device {name!r} asked for but CUDA is not available: use --device cpu")
     return device
 
 
