@@ -23,6 +23,8 @@ GRANULARITIES = ("layer", "block", "stage", "net")
 LOSSES = ("mse", "fisher")
 SCALE_SEARCHES = ("lp", "minmax")
 WEIGHT_GRANULARITIES = ("channel", "tensor")
+RECON_LOOPS = ("fast", "eager")
+AUTOCASTS = ("none", "bf16", "fp16", "tf32")
 
 # Per-method default learning rate of the activation step sizes: BRECQ learns them alone after
 # the weights (4e-4 in the paper); QDrop learns them jointly with the rounding, more gently.
@@ -165,6 +167,34 @@ class BrecqConfig:
         metadata=_opt("--cache-device", "where cached unit inputs/targets live: auto (the"
                       " compute device), cpu (offload to host memory) or a device"),
     )
+    cache_budget_gb: float | None = field(
+        default=None,
+        metadata=_opt("--cache-budget-gb", "with --cache-device auto: keep cached tensors on the"
+                      " compute device up to this many GiB, the rest in host memory (pinned for"
+                      " CUDA); default: a quarter of the free device memory on CUDA, no limit"
+                      " elsewhere"),
+    )
+    recon_loop: str = field(
+        default="fast",
+        metadata=_opt("--recon-loop", "fast (batched sampling, fused Adam, no per-step"
+                      " synchronization) or eager (the straightforward loop, a speed baseline)",
+                      choices=RECON_LOOPS),
+    )
+    compile: bool = field(
+        default=False,
+        metadata=_opt("--compile", "torch.compile each reconstruction step (CUDA graphs on"
+                      " CUDA); falls back to eager if compiling fails"),
+    )
+    autocast: str = field(
+        default="none",
+        metadata=_opt("--autocast", "reduced precision while reconstructing: none, bf16, fp16,"
+                      " or tf32 (CUDA only); changes results slightly", choices=AUTOCASTS),
+    )
+    early_stop: float = field(
+        default=0.0,
+        metadata=_opt("--early-stop", "activation step-size passes: stop a unit when its mean"
+                      " loss over 500 iterations improves by less than this fraction (0: off)"),
+    )
     seed: int = field(default=0, metadata=_opt("--seed", "random seed"))
 
     def __post_init__(self) -> None:
@@ -179,6 +209,8 @@ class BrecqConfig:
             ("loss", LOSSES),
             ("scale_search", SCALE_SEARCHES),
             ("weight_granularity", WEIGHT_GRANULARITIES),
+            ("recon_loop", RECON_LOOPS),
+            ("autocast", AUTOCASTS),
         ):
             value = getattr(self, name)
             if value not in allowed:
@@ -197,6 +229,11 @@ class BrecqConfig:
                 raise ConfigError(f"{name}={value!r} must be a positive number")
         if self.act_lr is not None and not self.act_lr > 0:
             raise ConfigError(f"act_lr={self.act_lr!r} must be a positive number (or None)")
+        if self.cache_budget_gb is not None and not self.cache_budget_gb >= 0:
+            raise ConfigError(f"cache_budget_gb={self.cache_budget_gb!r} must be >= 0 (or None)")
+        if not 0 <= self.early_stop < 1:
+            raise ConfigError(f"early_stop={self.early_stop!r} must be in [0, 1): a fraction of"
+                              " the loss, 0 turns early stopping off")
         if self.round_lambda < 0:
             raise ConfigError(f"round_lambda={self.round_lambda!r} must be >= 0")
         if not 0 <= self.warmup < 1:

@@ -458,9 +458,8 @@ def load_quantized(
             e.weight.copy_((ints - q.zero_point) * q.scale)
         for e in acts:
             q = e.quantizer
-            q.scale.copy_(_get(tensors, f"{_A}{e.name}/scale", weights_path).reshape(()))
-            q.zero_point.copy_(_get(tensors, f"{_A}{e.name}/zero_point", weights_path).reshape(()))
-            q.initialized.fill_(True)
+            q.set_scale(_get(tensors, f"{_A}{e.name}/scale", weights_path),
+                        _get(tensors, f"{_A}{e.name}/zero_point", weights_path))
         for key, tensor in rest.items():
             value = _get(tensors, f"{_F}{key}", weights_path)
             if value.shape != tensor.shape:

@@ -129,6 +129,9 @@ class ActQuantizer(nn.Module):
         self.enabled = True
         self.drop_prob = 0.0
         self._calibration: tuple[str, float] | None = None
+        # Host-side mirror of `initialized`: reading the buffer in forward would synchronize
+        # with the device on every reconstruction iteration.
+        self._ready = False
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, symmetric={self.symmetric}"
@@ -143,9 +146,15 @@ class ActQuantizer(nn.Module):
             _subsample(sample), self.bits, symmetric=self.symmetric, per_channel=False,
             method=method, p=p,
         )
+        self.set_scale(scale, zero_point)
+
+    @torch.no_grad()
+    def set_scale(self, scale: Tensor, zero_point: Tensor) -> None:
+        """Take the given step size and zero point (single values) as initialized."""
         self.scale.copy_(scale.reshape(()))
         self.zero_point.copy_(zero_point.reshape(()))
         self.initialized.fill_(True)
+        self._ready = True
 
     def begin_calibration(self, method: str, p: float) -> None:
         self._calibration = (method, p)
@@ -162,7 +171,7 @@ class ActQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
-        if not bool(self.initialized):
+        if not self._ready:
             if self._calibration is None:
                 raise RuntimeError(
                     "activation quantizer used before its scale was initialized: run it inside "
@@ -174,6 +183,10 @@ class ActQuantizer(nn.Module):
             keep_float = torch.rand_like(x) < self.drop_prob
             xq = torch.where(keep_float, x, xq)
         return xq
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._ready = bool(self.initialized)
 
 
 # Above this many elements the Lp search runs on an evenly strided subsample; min/max come from it

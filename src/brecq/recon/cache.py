@@ -1,8 +1,9 @@
 """Cached unit inputs and targets over the calibration set, kept where memory allows.
 
-Tensors are stored on a *storage* device (the compute device when they fit, else host memory,
-pinned when the compute device is a GPU) and moved to the compute device one mini-batch at a
-time, so a large model's calibration set never has to sit on the GPU as a whole.
+Tensors are stored on a *storage* device and moved to the compute device one mini-batch at a
+time, so a large model's calibration set never has to sit on the GPU as a whole. With a device
+budget, tensors go to the compute device while the budget lasts and to host memory (pinned
+when the compute device is a GPU) after that.
 """
 
 from __future__ import annotations
@@ -14,25 +15,46 @@ from torch import Tensor
 class ActivationCache:
     """Named stacks of per-sample tensors ([N, ...]) with mini-batch access."""
 
-    def __init__(self, compute_device: torch.device, storage_device: torch.device) -> None:
+    def __init__(self, compute_device: torch.device, storage_device: torch.device,
+                 device_budget_bytes: int | None = None) -> None:
         self.compute_device = torch.device(compute_device)
         self.storage_device = torch.device(storage_device)
+        self.device_budget_bytes = device_budget_bytes
         self._pending: dict[str, list[Tensor]] = {}
         self._stored: dict[str, Tensor] = {}
 
-    @property
-    def _pin(self) -> bool:
-        return self.storage_device.type == "cpu" and self.compute_device.type == "cuda"
+    def _host_for(self, nbytes: int) -> bool:
+        """Whether a tensor of `nbytes` goes to host memory instead of the storage device."""
+        if self.device_budget_bytes is None or self.storage_device.type == "cpu":
+            return False
+        on_device = sum(t.numel() * t.element_size() for t in self._stored.values()
+                        if t.device == self.storage_device)
+        return on_device + nbytes > self.device_budget_bytes
 
     def append(self, key: str, chunk: Tensor) -> None:
         """Add a chunk of samples (first dimension) to `key`; call `finish` when done."""
-        self._pending.setdefault(key, []).append(chunk.detach().to(self.storage_device))
+        # Chunks wait in host memory when a budget may send them there: the device then never
+        # holds more than the budget plus one chunk.
+        staging = torch.device("cpu") if self.device_budget_bytes is not None else self.storage_device
+        self._pending.setdefault(key, []).append(chunk.detach().to(staging))
 
     def finish(self) -> None:
         for key, chunks in self._pending.items():
             stacked = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
-            self._stored[key] = stacked.pin_memory() if self._pin else stacked
+            if self._host_for(stacked.numel() * stacked.element_size()):
+                stacked = stacked.cpu()
+                if self.compute_device.type == "cuda":
+                    stacked = stacked.pin_memory()
+            else:
+                stacked = stacked.to(self.storage_device)
+                if stacked.device.type == "cpu" and self.compute_device.type == "cuda":
+                    stacked = stacked.pin_memory()
+            self._stored[key] = stacked
         self._pending.clear()
+
+    def placement(self) -> dict[str, str]:
+        """Where each cached tensor lives (key -> device)."""
+        return {key: str(t.device) for key, t in self._stored.items()}
 
     def __contains__(self, key: str) -> bool:
         return key in self._stored
@@ -47,7 +69,7 @@ class ActivationCache:
         """Samples `index` of `key` on the compute device."""
         stored = self._stored[key]
         picked = stored[index.to(stored.device)]
-        return picked.to(self.compute_device, non_blocking=self._pin)
+        return picked.to(self.compute_device, non_blocking=stored.is_pinned())
 
     def keys_with_prefix(self, prefix: str) -> list[str]:
         return sorted((k for k in self._stored if k.startswith(prefix)), key=_natural)

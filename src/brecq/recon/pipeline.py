@@ -25,7 +25,16 @@ from ..graph.prepare import QuantizedModel, Unit, prepare
 from ..quant import state
 from .cache import ActivationCache
 from .checkpoint import RunCheckpoint
-from .reconstruct import FP_IN, FP_OUT, GRAD, Q_IN, Schedule, optimize_unit
+from .reconstruct import (
+    FP_IN,
+    FP_OUT,
+    GRAD,
+    Q_IN,
+    LoopOptions,
+    Schedule,
+    UnitResult,
+    optimize_unit,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +51,7 @@ class UnitReport:
     loss_before: float
     loss_after: float
     seconds: float
+    iterations: int = 0
 
 
 @dataclass
@@ -81,6 +91,29 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for but CUDA is not available: use --device cpu")
     return device
+
+
+@dataclass(frozen=True)
+class CachePlacement:
+    """Where unit caches live: `storage` device, with at most `device_budget` bytes on a GPU."""
+
+    storage: torch.device
+    device_budget: int | None
+
+    @classmethod
+    def resolve(cls, config: BrecqConfig, device: torch.device) -> CachePlacement:
+        storage = device if config.cache_device == "auto" else resolve_device(config.cache_device)
+        budget = None
+        if config.cache_device == "auto" and device.type != "cpu":
+            if config.cache_budget_gb is not None:
+                budget = int(config.cache_budget_gb * 2**30)
+            elif device.type == "cuda":
+                # A quarter of what is free leaves room for the unit's own forward and backward.
+                budget = torch.cuda.mem_get_info(device)[0] // 4
+        return cls(storage, budget)
+
+    def new_cache(self, device: torch.device) -> ActivationCache:
+        return ActivationCache(device, self.storage, self.device_budget)
 
 
 def calibration_tensor(data: Tensor | DataLoader | Iterable, limit: int) -> Tensor:
@@ -224,7 +257,7 @@ def initialize_activations(qmodel: QuantizedModel, data: Tensor, config: BrecqCo
 
 def _reconstruct_pass(
     qmodel: QuantizedModel, data: Tensor, config: BrecqConfig, device: torch.device,
-    storage: torch.device, report: QuantizationReport, *, phase: str,
+    placement: CachePlacement, report: QuantizationReport, *, phase: str,
     fp_logits: Tensor | None, generator: torch.Generator, checkpoint: RunCheckpoint,
 ) -> None:
     learn_weights = phase in ("weights", "joint")
@@ -236,14 +269,16 @@ def _reconstruct_pass(
         loss_p=2.0 if learn_weights else config.act_loss_p,
         drop_prob=config.drop_prob if phase == "joint" else 0.0,
     )
+    options = LoopOptions(loop=config.recon_loop, autocast=config.autocast,
+                          compile=config.compile, early_stop=config.early_stop)
     for k, unit in enumerate(qmodel.units):
         if checkpoint.is_done(phase, k):
             continue
         started = time.perf_counter()
         try:
-            before, after = _reconstruct_unit(
-                qmodel, unit, k, data, config, device, storage, phase=phase,
-                schedule=schedule, fp_logits=fp_logits, generator=generator,
+            result = _reconstruct_unit(
+                qmodel, unit, k, data, device, placement, phase=phase, schedule=schedule,
+                options=options, fp_logits=fp_logits, generator=generator,
             )
         except torch.OutOfMemoryError as exc:
             raise ReconstructionError(
@@ -253,22 +288,24 @@ def _reconstruct_pass(
                 f"{checkpoint.resume_hint()}"
             ) from exc
         unit_report = UnitReport(unit.name, unit.kind, phase, len(unit.layers),
-                                 _unit_params(qmodel, unit), before, after,
-                                 time.perf_counter() - started)
+                                 _unit_params(qmodel, unit), result.loss_before,
+                                 result.loss_after, time.perf_counter() - started,
+                                 result.iterations)
         report.units.append(unit_report)
-        logger.info("%s unit %d/%d %s: loss %.5g -> %.5g (%.1fs)", phase, k + 1,
-                    len(qmodel.units), unit.name, before, after, unit_report.seconds)
+        logger.info("%s unit %d/%d %s: loss %.5g -> %.5g (%d iterations, %.1fs)", phase, k + 1,
+                    len(qmodel.units), unit.name, result.loss_before, result.loss_after,
+                    result.iterations, unit_report.seconds)
         checkpoint.mark_done(phase, k, qmodel, report, generator)
 
 
 def _reconstruct_unit(
-    qmodel: QuantizedModel, unit: Unit, k: int, data: Tensor, config: BrecqConfig,
-    device: torch.device, storage: torch.device, *, phase: str, schedule: Schedule,
+    qmodel: QuantizedModel, unit: Unit, k: int, data: Tensor, device: torch.device,
+    placement: CachePlacement, *, phase: str, schedule: Schedule, options: LoopOptions,
     fp_logits: Tensor | None, generator: torch.Generator,
-) -> tuple[float, float]:
+) -> UnitResult:
     learn_weights = phase in ("weights", "joint")
     acts_on = phase in ("activations", "joint")
-    cache = ActivationCache(device, storage)
+    cache = placement.new_cache(device)
     try:
         capture(qmodel, unit, data, device, cache, weights=True, acts=acts_on,
                 inputs_key=Q_IN, outputs_key=None)
@@ -287,6 +324,7 @@ def _reconstruct_unit(
             return optimize_unit(
                 unit.module, cache, weight_qs, act_qs, schedule, generator,
                 description=f"{phase[:1]} {k + 1}/{len(qmodel.units)} {unit.name}",
+                options=options,
             )
     finally:
         cache.clear()
@@ -311,7 +349,10 @@ def quantize(
     """
     config = config or BrecqConfig()
     device = resolve_device(config.device)
-    storage = device if config.cache_device == "auto" else resolve_device(config.cache_device)
+    if config.autocast == "tf32" and device.type != "cuda":
+        raise ConfigError(f"autocast 'tf32' needs a CUDA device, not {device}: use --autocast bf16"
+                          " (or none) on this device")
+    placement = CachePlacement.resolve(config, device)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     data = calibration_tensor(calib_data, config.calib_size)
@@ -331,18 +372,18 @@ def quantize(
     common = dict(fp_logits=fp_logits, generator=generator, checkpoint=checkpoint)
 
     if config.method == "brecq":
-        _reconstruct_pass(qmodel, data, config, device, storage, report, phase="weights", **common)
+        _reconstruct_pass(qmodel, data, config, device, placement, report, phase="weights", **common)
         if qmodel.act_quantizers:
             if not checkpoint.is_done("init", 0):
                 initialize_activations(qmodel, data, config, device)
                 checkpoint.mark_done("init", 0, qmodel, report, generator)
-            _reconstruct_pass(qmodel, data, config, device, storage, report,
+            _reconstruct_pass(qmodel, data, config, device, placement, report,
                               phase="activations", **common)
     elif config.method == "qdrop":
         if not checkpoint.is_done("init", 0):
             initialize_activations(qmodel, data, config, device)
             checkpoint.mark_done("init", 0, qmodel, report, generator)
-        _reconstruct_pass(qmodel, data, config, device, storage, report, phase="joint", **common)
+        _reconstruct_pass(qmodel, data, config, device, placement, report, phase="joint", **common)
     else:
         initialize_activations(qmodel, data, config, device)
     report.recon_seconds = time.perf_counter() - started
