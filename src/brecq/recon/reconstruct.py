@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..distributed import SINGLE_PROCESS, DistContext
 from ..errors import ReconstructionError
 from ..quant import primitives as P
 from ..quant import state
@@ -64,6 +65,10 @@ class UnitObjective:
         self.output_keys = cache.keys_with_prefix(FP_OUT)
         self.grad_keys = cache.keys_with_prefix(GRAD)
 
+    @property
+    def num_samples(self) -> int:
+        return len(self.cache)
+
     def inputs(self, index: Tensor, drop_prob: float) -> list[Tensor]:
         inputs = [self.cache.batch(k, index) for k in self.input_keys]
         if drop_prob > 0 and self.fp_input_keys:
@@ -96,6 +101,35 @@ class UnitObjective:
         return total / max(1, seen)
 
 
+class ShardedObjective:
+    """A unit's error over the union of every rank's cache; each rank holds its own shard.
+
+    Mini-batch indices are global (ranks' shards in rank order); each rank computes the error of
+    the samples it owns, weighted by their share of the batch, so the sum over ranks is the
+    single-process mean error and, once gradients are summed across ranks, its gradient.
+    """
+
+    def __init__(self, local: UnitObjective, dist: DistContext) -> None:
+        self.local = local
+        self.dist = dist
+        sizes = dist.sizes(local.num_samples)
+        self.offset = sum(sizes[: dist.rank])
+        self.num_samples = sum(sizes)
+
+    def error(self, index: Tensor, drop_prob: float = 0.0) -> Tensor:
+        owned = index[(index >= self.offset) & (index < self.offset + self.local.num_samples)]
+        if owned.numel() == 0:
+            # Nothing of this batch is here: no gradient (sum_gradients counts it as zero).
+            return torch.zeros((), device=self.local.cache.compute_device, requires_grad=True)
+        share = owned.numel() / index.numel()
+        return self.local.error(owned - self.offset, drop_prob) * share
+
+    def full_error(self, batch_size: int = 256) -> float:
+        count = self.local.num_samples
+        total, seen = self.dist.sum_values([self.local.full_error(batch_size) * count, count])
+        return total / seen
+
+
 def optimize_unit(
     unit: nn.Module,
     cache: ActivationCache,
@@ -104,13 +138,17 @@ def optimize_unit(
     schedule: Schedule,
     generator: torch.Generator,
     description: str = "",
+    dist: DistContext = SINGLE_PROCESS,
 ) -> tuple[float, float]:
     """Optimize the given quantizers of `unit`; returns the output error before and after.
 
     `weight_quantizers` pairs each quantizer with its float weight: they get learned rounding.
-    `act_quantizers` get their step sizes learned. Either may be empty.
+    `act_quantizers` get their step sizes learned. Either may be empty. With several ranks
+    (`dist`), `cache` holds this rank's shard and every rank ends with the same parameters.
     """
     objective = UnitObjective(unit, cache, schedule.loss_p)
+    if dist.distributed:
+        objective = ShardedObjective(objective, dist)
     before = objective.full_error()
     if schedule.iters == 0 or (not weight_quantizers and not act_quantizers):
         return before, before
@@ -125,20 +163,21 @@ def optimize_unit(
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(act_opt, T_max=schedule.iters)
         optimizers.append(act_opt)
     wqs = [q for q, _ in weight_quantizers]
-    count = len(cache)
+    count = objective.num_samples
     bar = tqdm(range(schedule.iters), desc=description, leave=False, dynamic_ncols=True,
-               mininterval=1.0, disable=None)
+               mininterval=1.0, disable=None if dist.is_main else True)
     with state.soft_rounding(wqs), state.dropping(act_quantizers, schedule.drop_prob):
         for step in bar:
             index = torch.randint(count, (min(schedule.batch_size, count),), generator=generator)
             loss = objective.error(index, schedule.drop_prob)
             beta = P.beta_schedule(step, schedule.iters, schedule.warmup, schedule.beta_start,
                                    schedule.beta_end)
-            if rounding and beta is not None and schedule.round_lambda > 0:
+            if rounding and beta is not None and schedule.round_lambda > 0 and dist.is_main:
                 loss = loss + schedule.round_lambda * sum(q.regularizer(beta) for q in wqs)
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             loss.backward()
+            dist.sum_gradients([*rounding, *(q.scale for q in act_quantizers)])
             for opt in optimizers:
                 opt.step()
             if scheduler is not None:
@@ -147,7 +186,7 @@ def optimize_unit(
                 with torch.no_grad():
                     q.scale.clamp_(min=1e-8)
             if step % 500 == 0 or step == schedule.iters - 1:
-                value = float(loss.detach())
+                value = dist.sum_values([float(loss.detach())])[0]
                 if not torch.isfinite(torch.tensor(value)):
                     raise NonFiniteLossError(
                         f"reconstruction loss became {value} at iteration {step} of {description}:"
