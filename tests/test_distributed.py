@@ -16,14 +16,21 @@ import torch
 from brecq import BrecqConfig, ConfigError, ReconstructionError, quantize
 from brecq.demo import DemoResNet
 from brecq.distributed import DistContext, session
+from brecq.quant import quantizers
 
 # Fisher loss and quantized activations: the Fisher normalization and the activation-scale
 # search both need statistics of all ranks. A batch of 4 out of 2 x 8 samples often lies on one
-# rank only, so the other contributes no sample in that step.
-EXACT = dict(weight_bits=2, act_bits=4, iters_w=24, iters_a=12, calib_size=16, batch_size=4,
+# rank only, so the other contributes no sample in that step. No step-size learning here: on this
+# toy model a 1e-7 change of the loss already moves some learned step sizes by 20% in a single
+# process (Adam's steps are as large as the smallest scales), so only the rounding and the
+# initial scales can be compared with a one-process run.
+EXACT = dict(weight_bits=2, act_bits=4, iters_w=24, iters_a=0, calib_size=16, batch_size=4,
              act_init_samples=16, loss="fisher", device="cpu", seed=1)
-# QDrop draws random masks, differently on every rank: the ranks must still agree.
+# QDrop learns step sizes and draws random masks, differently on every rank: the ranks must
+# still end with identical parameters.
 QDROP = dict(EXACT, method="qdrop", loss="mse", iters_w=12)
+# Small enough that the activation scale searches run on strided subsamples, as on real models.
+SEARCH_ELEMENTS = 5000
 
 WORKER = textwrap.dedent(
     """
@@ -32,7 +39,9 @@ WORKER = textwrap.dedent(
     from brecq import BrecqConfig, quantize
     from brecq.demo import DemoResNet
     from brecq.distributed import session
+    from brecq.quant import quantizers
 
+    quantizers._MAX_SEARCH_ELEMENTS = {search_elements}
     out = Path(sys.argv[1])
     configs = [BrecqConfig(**c) for c in json.loads(sys.argv[2])]
     torch.manual_seed(0)
@@ -55,7 +64,7 @@ def _free_port() -> int:
 
 def _start_ranks(tmp_path: Path, configs: list[dict], world: int = 2) -> list[subprocess.Popen]:
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(WORKER.replace("{search_elements}", str(SEARCH_ELEMENTS)))
     port = _free_port()
     procs = []
     for rank in range(world):
@@ -88,8 +97,9 @@ def _learned(state: dict) -> dict:
     return {k: v for k, v in state.items() if k.endswith(("alpha", "scale", "zero_point"))}
 
 
-def test_two_ranks_match_each_other_and_one_process_on_the_union(tmp_path):
+def test_two_ranks_match_each_other_and_one_process_on_the_union(tmp_path, monkeypatch):
     procs = _start_ranks(tmp_path, [EXACT, QDROP])
+    monkeypatch.setattr(quantizers, "_MAX_SEARCH_ELEMENTS", SEARCH_ELEMENTS)
     torch.manual_seed(0)
     model = DemoResNet().eval()
     calib = torch.randn(16, 1, 28, 28)
@@ -107,7 +117,7 @@ def test_two_ranks_match_each_other_and_one_process_on_the_union(tmp_path):
     assert any(k.endswith("alpha") for k in learned) and any("act_quant" in k for k in learned)
     for name in learned:
         diff = (dist[name] - ref[name]).abs().max().item()
-        assert diff <= 1e-4 * max(1.0, ref[name].abs().max().item()), (name, diff)
+        assert torch.allclose(dist[name], ref[name], rtol=1e-5, atol=1e-6), (name, diff)
         if name.endswith("alpha"):
             flipped = ((dist[name] >= 0) != (ref[name] >= 0)).float().mean().item()
             assert flipped <= 0.002, (name, flipped)
@@ -146,6 +156,37 @@ def test_sharding_is_contiguous_even_and_complete():
     assert DistContext(1, 2).shard(torch.arange(5)).tolist() == [3, 4]
 
 
+def test_gathered_search_sample_is_the_one_of_the_whole_tensor(monkeypatch):
+    monkeypatch.setattr(quantizers, "_MAX_SEARCH_ELEMENTS", 100)
+    whole = torch.randn(1000)
+    shards = [whole[:370], whole[370:]]
+    pieces: dict[int, list] = {0: [], 1: []}
+
+    class TwoRanks(DistContext):
+        """Rank `rank` of two: records what it sends, then replays both ranks' pieces."""
+
+        replay = False
+
+        def sizes(self, count):
+            return [len(s) for s in shards]
+
+        def gather(self, flat):
+            if not self.replay:
+                pieces[self.rank].append(flat)
+                return flat
+            k = self.calls
+            self.calls += 1
+            return torch.cat([pieces[0][k], pieces[1][k]])
+
+    for rank in (0, 1):
+        TwoRanks(rank, 2).gather_search_sample(shards[rank])
+    ctx = TwoRanks(1, 2)
+    ctx.replay, ctx.calls = True, 0
+    expected = quantizers.search_sample(whole)
+    assert expected.numel() < whole.numel()
+    assert torch.equal(ctx.gather_search_sample(shards[1]), expected)
+
+
 def test_single_process_context_passes_values_through():
     single = DistContext()
     assert single.is_main and not single.distributed
@@ -162,8 +203,8 @@ def test_launch_environment_errors_are_clear(monkeypatch):
     with pytest.raises(ConfigError, match="RANK, MASTER_ADDR, MASTER_PORT not set"), \
             session(torch.device("cpu"), 5):
         pass
+    monkeypatch.setattr("brecq.recon.pipeline.current", lambda *a: DistContext(0, 2))
     with pytest.raises(ConfigError, match="calib_size=1 is smaller than the 2 ranks"):
-        monkeypatch.setattr("brecq.recon.pipeline.current", lambda *a: DistContext(0, 2))
         quantize(DemoResNet().eval(), torch.randn(4, 1, 28, 28),
                  BrecqConfig(calib_size=1, device="cpu"))
 

@@ -29,6 +29,9 @@ from typing import Any
 from .config import BrecqConfig
 from .errors import BrecqError, ConfigError, DataError
 
+if typing.TYPE_CHECKING:
+    from .distributed import DistContext
+
 __all__ = ["add_config_arguments", "build_parser", "config_from_args", "main"]
 
 logger = logging.getLogger("brecq.cli")
@@ -410,7 +413,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _quantize_and_report(args: argparse.Namespace, config: BrecqConfig, pipeline: Any,
-                         can_checkpoint: bool, dist: Any) -> int:
+                         can_checkpoint: bool, dist: DistContext) -> int:
     started = time.perf_counter()
     from .data import load_calibration
     from .evaluate import evaluate

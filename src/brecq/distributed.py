@@ -105,7 +105,7 @@ class DistContext:
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
         with self._collective("exchanging sizes"):
             torch_dist.all_gather(parts, local)
-        return [int(p) for p in parts]
+            return [int(p) for p in parts]
 
     def sum_values(self, values: Sequence[float]) -> list[float]:
         """Element-wise sums of `values` over all ranks (float64)."""
@@ -115,7 +115,7 @@ class DistContext:
                               device=self.comm_device)
         with self._collective("summing values"):
             torch_dist.all_reduce(summed)
-        return summed.tolist()
+            return summed.tolist()
 
     def global_mean(self, tensor: Tensor) -> Tensor:
         """Mean of `tensor`'s elements over all ranks (as a 0-d tensor on `tensor`'s device)."""
@@ -213,16 +213,18 @@ def _digest(tensor: Tensor) -> int:
 SINGLE_PROCESS = DistContext()
 
 
-def current(device: torch.device, timeout_s: float | None = None) -> DistContext:
-    """The context of an initialized default process group, else the single-process one."""
+def current(timeout_s: float | None = None) -> DistContext:
+    """The context of an initialized default process group, else the single-process one.
+
+    `timeout_s` is the group's collective timeout, for error messages.
+    """
     if not torch_dist.is_available() or not torch_dist.is_initialized():
         return SINGLE_PROCESS
     world = torch_dist.get_world_size()
     if world == 1:
         return SINGLE_PROCESS
-    comm = device if torch_dist.get_backend() == "nccl" else torch.device("cpu")
-    if comm.type == "cuda" and comm.index is None:
-        comm = torch.device("cuda", torch.cuda.current_device())
+    nccl = torch_dist.get_backend() == "nccl"
+    comm = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     return DistContext(torch_dist.get_rank(), world, comm, timeout_s)
 
 
@@ -236,7 +238,7 @@ def session(device: torch.device, timeout_s: float) -> Iterator[DistContext]:
     """
     world = launched_world_size()
     if world <= 1 or (torch_dist.is_available() and torch_dist.is_initialized()):
-        yield current(device, timeout_s)
+        yield current(timeout_s)
         return
     if not torch_dist.is_available():
         raise ConfigError("this torch build has no torch.distributed: run in one process")
@@ -258,6 +260,9 @@ def session(device: torch.device, timeout_s: float) -> Iterator[DistContext]:
                 "start at most one process per GPU (--nproc_per_node)"
             )
         torch.cuda.set_device(local_rank)
+        # Without blocking waits a timed-out NCCL collective aborts the process from a watchdog
+        # thread; with them it raises here, and the rank stops with a ReconstructionError.
+        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
         backend, comm = "nccl", torch.device("cuda", local_rank)
     else:
         backend, comm = "gloo", torch.device("cpu")

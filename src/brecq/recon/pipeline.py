@@ -331,7 +331,7 @@ def quantize(
     config = config or BrecqConfig()
     device = resolve_device(config.device)
     storage = device if config.cache_device == "auto" else resolve_device(config.cache_device)
-    dist = current(device, config.dist_timeout)
+    dist = current(config.dist_timeout)
     if config.calib_size < dist.world_size:
         raise ConfigError(f"calib_size={config.calib_size} is smaller than the {dist.world_size}"
                           " ranks: every rank needs calibration samples; use more samples")
