@@ -415,12 +415,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 def _quantize_and_report(args: argparse.Namespace, config: BrecqConfig, pipeline: Any,
                          can_checkpoint: bool, dist: DistContext) -> int:
     started = time.perf_counter()
+    import torch
+
     from .data import load_calibration
     from .evaluate import evaluate
 
     say = print if dist.is_main else _quiet
-    import torch
-
     # Layers the weights do not cover start from the same random values on every rank.
     torch.manual_seed(config.seed)
     model, base_prep = _build(args)
@@ -445,7 +445,7 @@ def _quantize_and_report(args: argparse.Namespace, config: BrecqConfig, pipeline
         nonlocal eval_count
         hits = [0.0, 0.0, 0]
         if len(val.dataset):
-            result = evaluate(net, val, device, desc=key)
+            result = evaluate(net, val, device, desc=key, progress=None if dist.is_main else False)
             hits = [result["top1"] * result["count"] / 100, result["top5"] * result["count"] / 100,
                     result["count"]]
         top1_hits, top5_hits, count = (round(v) for v in dist.sum_values(hits))
