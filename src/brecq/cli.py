@@ -29,6 +29,9 @@ from typing import Any
 from .config import BrecqConfig
 from .errors import BrecqError, ConfigError, DataError
 
+if typing.TYPE_CHECKING:
+    from .distributed import DistContext
+
 __all__ = ["add_config_arguments", "build_parser", "config_from_args", "main"]
 
 logger = logging.getLogger("brecq.cli")
@@ -399,18 +402,40 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             raise UsageError(f"--resume {args.resume} is not a folder: pass the --out folder of "
                              "the interrupted run")
         args.out = args.resume
+    from . import distributed
+
+    # Under torchrun every rank runs this: each calibrates on its shard and evaluates its part
+    # of the validation set; rank 0 prints, writes the report and saves the model.
+    with distributed.session(pipeline.resolve_device(config.device), config.dist_timeout) as dist:
+        if not dist.is_main:
+            logging.getLogger("brecq").setLevel(logging.WARNING)
+        return _quantize_and_report(args, config, pipeline, can_checkpoint, dist)
+
+
+def _quantize_and_report(args: argparse.Namespace, config: BrecqConfig, pipeline: Any,
+                         can_checkpoint: bool, dist: DistContext) -> int:
     started = time.perf_counter()
+    import torch
+
     from .data import load_calibration
     from .evaluate import evaluate
 
+    say = print if dist.is_main else _quiet
+    # Layers the weights do not cover start from the same random values on every rank.
+    torch.manual_seed(config.seed)
     model, base_prep = _build(args)
     prep = _preprocessing(args, base_prep)
     device = pipeline.resolve_device(config.device)
-    out = _make_out_dir(args.out if args.out is not None else _timestamp_dir())
+    out_dir = args.out if args.out is not None else _timestamp_dir()
+    out = _make_out_dir(out_dir) if dist.is_main else Path(out_dir).expanduser()
     logger.info("preprocessing: %s", prep)
-    calib = load_calibration(args.data, prep, num_samples=config.calib_size, seed=config.seed,
-                             strict=args.strict)
+    # Every rank draws the same seeded calibration set and keeps its contiguous slice.
+    calib = dist.shard(load_calibration(args.data, prep, num_samples=config.calib_size,
+                                        seed=config.seed, strict=args.strict))
+    calib_images = sum(dist.sizes(calib.shape[0]))
     val = _val_loader(args, prep, seed=config.seed)
+    part = slice(*dist.shard_range(len(val.dataset)))
+    val.dataset.samples, val.dataset.targets = val.dataset.samples[part], val.dataset.targets[part]
     label = config.label
     acc: dict[str, float | None] = {"fp": None, "before": None, "weight_only": None, "full": None}
     top5: dict[str, float | None] = dict.fromkeys(acc)
@@ -418,19 +443,26 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     def run_eval(net: Any, key: str) -> float:
         nonlocal eval_count
-        result = evaluate(net, val, device, desc=key)
-        acc[key], top5[key], eval_count = result["top1"], result["top5"], result["count"]
-        return result["top1"]
+        hits = [0.0, 0.0, 0]
+        if len(val.dataset):
+            result = evaluate(net, val, device, desc=key, progress=None if dist.is_main else False)
+            hits = [result["top1"] * result["count"] / 100, result["top5"] * result["count"] / 100,
+                    result["count"]]
+        top1_hits, top5_hits, count = (round(v) for v in dist.sum_values(hits))
+        if count == 0:
+            raise DataError("no images were evaluated: the evaluation data is empty")
+        acc[key], top5[key], eval_count = 100.0 * top1_hits / count, 100.0 * top5_hits / count, count
+        return acc[key]
 
     if not args.skip_fp_eval:
-        print(f"Full-precision accuracy: {run_eval(model, 'fp'):.2f}", flush=True)
+        say(f"Full-precision accuracy: {run_eval(model, 'fp'):.2f}", flush=True)
 
     rtn_config = config.replace(method="rtn")
     rtn_model, rtn_report = pipeline.quantize(model, calib, rtn_config)
     with rtn_model.quantization(weights=True, acts=config.act_bits is not None):
         before = run_eval(rtn_model, "before")
-    print(f"Quantized accuracy before reconstruction (round-to-nearest, {label}): {before:.2f}",
-          flush=True)
+    say(f"Quantized accuracy before reconstruction (round-to-nearest, {label}): {before:.2f}",
+        flush=True)
 
     if config.method == "rtn":
         qmodel, report = rtn_model, rtn_report
@@ -444,11 +476,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             qmodel, report = pipeline.quantize(model, calib, config)
     with qmodel.quantization(weights=True, acts=False):
         weight_only = run_eval(qmodel, "weight_only")
-    print(f"Weight quantization accuracy: {weight_only:.2f}", flush=True)
+    say(f"Weight quantization accuracy: {weight_only:.2f}", flush=True)
     if config.act_bits is not None:
         with qmodel.quantization(weights=True, acts=True):
             full = run_eval(qmodel, "full")
-        print(f"Full quantization ({label}) accuracy: {full:.2f}", flush=True)
+        say(f"Full quantization ({label}) accuracy: {full:.2f}", flush=True)
+    if not dist.is_main:
+        return 0
 
     model_info = {
         "name": args.model,
@@ -469,7 +503,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         "config": config.to_dict(),
         "model": model_info,
         "data": {"dir": str(Path(args.data).expanduser().resolve()),
-                 "calib_images": int(calib.shape[0]), "eval_images": eval_count},
+                 "calib_images": calib_images, "eval_images": eval_count},
         "accuracy": acc,
         "accuracy_top5": top5,
         "units": summary["units"],
@@ -477,12 +511,17 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                    "total_seconds": round(time.perf_counter() - started, 3)},
         "peak_memory": _peak_memory(device),
         "device": str(device),
+        "world_size": dist.world_size,
         "saved_model": exported,
     }
     _write_json(out / "report.json", result)
     print(f"Report written to {out / 'report.json'}" + (
         f"; quantized model saved in {out}" if exported else ""), flush=True)
     return 0
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """`print` on ranks other than 0."""
 
 
 def _supports_resume(pipeline: Any) -> bool:
@@ -507,6 +546,10 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     if args.resume is not None:
         raise UsageError("--resume applies to --model/--data runs, not to the demo")
+    from .distributed import launched_world_size
+
+    if launched_world_size() > 1:
+        raise UsageError("the demo runs in one process: start it without torchrun")
     started = time.perf_counter()
     values = _demo_defaults(args)
     user_bits = {k for k in ("weight_bits", "act_bits") if k in given_config_values(args)}

@@ -196,6 +196,11 @@ class BrecqConfig:
                       " loss over 500 iterations improves by less than this fraction (0: off)"),
     )
     seed: int = field(default=0, metadata=_opt("--seed", "random seed"))
+    dist_timeout: float = field(
+        default=600.0,
+        metadata=_opt("--dist-timeout", "under torchrun: seconds a rank waits for the others in"
+                      " a collective before it gives up with an error"),
+    )
 
     def __post_init__(self) -> None:
         check_bits(self.weight_bits, "weight_bits")
@@ -223,7 +228,8 @@ class BrecqConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
-        for name in ("lp_norm", "act_loss_p", "weight_lr", "beta_start", "beta_end"):
+        for name in ("lp_norm", "act_loss_p", "weight_lr", "beta_start", "beta_end",
+                     "dist_timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"{name}={value!r} must be a positive number")

@@ -7,11 +7,15 @@ Each quantizer owns its scale and zero point and changes state only through its 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
 from ..config import check_bits
 from . import primitives as P
+
+Sampler = Callable[[Tensor], Tensor]
 
 
 class WeightQuantizer(nn.Module):
@@ -128,7 +132,7 @@ class ActQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
         self.enabled = True
         self.drop_prob = 0.0
-        self._calibration: tuple[str, float] | None = None
+        self._calibration: tuple[str, float, Sampler | None] | None = None
         # Host-side mirror of `initialized`: reading the buffer in forward would synchronize
         # with the device on every reconstruction iteration.
         self._ready = False
@@ -137,14 +141,19 @@ class ActQuantizer(nn.Module):
         return f"bits={self.bits}, symmetric={self.symmetric}"
 
     @torch.no_grad()
-    def calibrate(self, x: Tensor, method: str = "lp", p: float = 2.4) -> None:
-        """Initialize scale and zero point from a sample of the tensor this quantizer sees."""
+    def calibrate(self, x: Tensor, method: str = "lp", p: float = 2.4,
+                  sampler: Sampler | None = None) -> None:
+        """Initialize scale and zero point from a sample of the tensor this quantizer sees.
+
+        `sampler` maps the flattened tensor to the elements the scale search runs on (default:
+        `search_sample`); a distributed run passes one that gathers them from every rank.
+        """
         sample = x.detach().reshape(-1).float()
         if not torch.isfinite(sample).all():
             raise FloatingPointError("activation contains NaN or inf; check the input data")
         scale, zero_point = P.search_scale(
-            _subsample(sample), self.bits, symmetric=self.symmetric, per_channel=False,
-            method=method, p=p,
+            (sampler or search_sample)(sample), self.bits, symmetric=self.symmetric,
+            per_channel=False, method=method, p=p,
         )
         self.set_scale(scale, zero_point)
 
@@ -156,8 +165,8 @@ class ActQuantizer(nn.Module):
         self.initialized.fill_(True)
         self._ready = True
 
-    def begin_calibration(self, method: str, p: float) -> None:
-        self._calibration = (method, p)
+    def begin_calibration(self, method: str, p: float, sampler: Sampler | None = None) -> None:
+        self._calibration = (method, p, sampler)
 
     def end_calibration(self) -> None:
         self._calibration = None
@@ -194,10 +203,15 @@ class ActQuantizer(nn.Module):
 _MAX_SEARCH_ELEMENTS = 1 << 18
 
 
-def _subsample(flat: Tensor) -> Tensor:
-    if flat.numel() <= _MAX_SEARCH_ELEMENTS:
+def search_stride(numel: int) -> int:
+    """Stride of the evenly strided subsample the scale search takes of `numel` elements."""
+    return 1 if numel <= _MAX_SEARCH_ELEMENTS else numel // _MAX_SEARCH_ELEMENTS + 1
+
+
+def search_sample(flat: Tensor) -> Tensor:
+    """The elements of `flat` that the activation scale search runs on."""
+    stride = search_stride(flat.numel())
+    if stride == 1:
         return flat
-    stride = flat.numel() // _MAX_SEARCH_ELEMENTS + 1
-    sample = flat[::stride]
     # Keep the true extremes so the largest candidate range still covers the data.
-    return torch.cat([sample, flat.min().reshape(1), flat.max().reshape(1)])
+    return torch.cat([flat[::stride], flat.min().reshape(1), flat.max().reshape(1)])

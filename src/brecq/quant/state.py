@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from .quantizers import ActQuantizer, WeightQuantizer
+from .quantizers import ActQuantizer, Sampler, WeightQuantizer
 
 
 def weight_quantizers_of(module: nn.Module) -> list[WeightQuantizer]:
@@ -40,12 +40,16 @@ def quantization(module: nn.Module, *, weights: bool, acts: bool) -> Iterator[No
 
 
 @contextmanager
-def calibrating(act_quantizers: Iterable[ActQuantizer], method: str, p: float) -> Iterator[None]:
-    """Uninitialized activation quantizers take their scale from the first tensor they see."""
+def calibrating(act_quantizers: Iterable[ActQuantizer], method: str, p: float,
+                sampler: Sampler | None = None) -> Iterator[None]:
+    """Uninitialized activation quantizers take their scale from the first tensor they see.
+
+    `sampler` (see `ActQuantizer.calibrate`) chooses the elements each scale search runs on.
+    """
     quantizers = list(act_quantizers)
     try:
         for q in quantizers:
-            q.begin_calibration(method, p)
+            q.begin_calibration(method, p, sampler)
         yield
     finally:
         for q in quantizers:

@@ -52,6 +52,12 @@ class ActivationCache:
             self._stored[key] = stacked
         self._pending.clear()
 
+    @property
+    def index_device(self) -> torch.device:
+        """Where mini-batch indices should live: with the stored tensors, host if they are split."""
+        devices = {t.device for t in self._stored.values()}
+        return devices.pop() if len(devices) == 1 else torch.device("cpu")
+
     def placement(self) -> dict[str, str]:
         """Where each cached tensor lives (key -> device)."""
         return {key: str(t.device) for key, t in self._stored.items()}

@@ -3,11 +3,15 @@
 The checkpoint holds the quantized model's state, which units are done, the report so far and
 the random number generators' states: a resumed run takes exactly the steps the uninterrupted
 run would have taken from that point, and ends with the same parameters.
+
+With several ranks, rank 0 writes the file (with every rank's random number generator states)
+and every rank reads it on resume: the directory must be visible to all of them.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..config import BrecqConfig
+from ..distributed import SINGLE_PROCESS, DistContext
 from ..errors import CheckpointError
 from ..fileio import atomic_torch_save
 
@@ -23,21 +28,43 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT_VERSION = 1
 # Where cached tensors live does not change any result, so it may differ on resume.
-_IGNORED_KEYS = ("cache_device",)
+_IGNORED_KEYS = ("cache_device", "dist_timeout")
 
 
-def _fingerprint(data: Tensor) -> list[float]:
+def _fingerprint(data: Tensor, dist: DistContext) -> list[float]:
+    """Sample count, sample size, sum and absolute sum of the calibration set (of all ranks)."""
     flat = data.detach().double().reshape(data.shape[0], -1)
-    return [float(data.shape[0]), float(flat.shape[1]), float(flat.sum()), float(flat.abs().sum())]
+    count, total, abs_total = dist.sum_values(
+        [data.shape[0], float(flat.sum()), float(flat.abs().sum())])
+    return [count, float(flat.shape[1]), total, abs_total]
+
+
+def _same_data(saved: list[float], current: list[float]) -> bool:
+    # Sums over shards differ from the whole set's sum in the last bits.
+    return len(saved) == len(current) and all(
+        math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9) for a, b in zip(saved, current))
+
+
+def _rng_states() -> dict:
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class RunCheckpoint:
     """Tracks finished units and, given a directory, saves the run after each of them."""
 
-    def __init__(self, directory: str | Path | None, config: BrecqConfig, data: Tensor) -> None:
+    def __init__(self, directory: str | Path | None, config: BrecqConfig, data: Tensor,
+                 dist: DistContext = SINGLE_PROCESS) -> None:
         self.directory = Path(directory) if directory is not None else None
         self.config = config
-        self.data_fingerprint = _fingerprint(data)
+        self.dist = dist
+        self.data_fingerprint = _fingerprint(data, dist)
         self.done: list[str] = []
 
     @property
@@ -54,8 +81,11 @@ class RunCheckpoint:
 
     def mark_done(self, phase, index, qmodel, report, generator) -> None:  # noqa: ANN001
         self.done.append(f"{phase}:{index}")
-        if self.path is None:
+        # Every rank takes part, even without a directory, so that no rank waits for the others.
+        rank_rng = self.dist.gather_objects(_rng_states()) if self.dist.distributed else None
+        if self.path is None or not self.dist.is_main:
             return
+        rng = _rng_states()
         payload = {
             "version": FORMAT_VERSION,
             "config": self.config.to_dict(),
@@ -64,8 +94,9 @@ class RunCheckpoint:
             "state": {k: v.detach().cpu() for k, v in qmodel.state_dict().items()},
             "report_units": [asdict(u) for u in report.units],
             "generator": generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "torch_rng": rng["torch"],
+            "cuda_rng": rng["cuda"],
+            "rank_rng": rank_rng,
         }
         atomic_torch_save(payload, self.path)
 
@@ -101,7 +132,7 @@ class RunCheckpoint:
                 f"the config differs from the checkpoint's ({details}): resume with the same "
                 "settings or start a new run in another directory"
             )
-        if payload["data"] != self.data_fingerprint:
+        if not _same_data(payload["data"], self.data_fingerprint):
             raise CheckpointError(
                 "the calibration data differs from the checkpoint's: resume with the same data "
                 "and seed, or start a new run in another directory"
@@ -109,12 +140,16 @@ class RunCheckpoint:
         qmodel.load_state_dict(payload["state"])
         report.units = [UnitReport(**row) for row in payload["report_units"]]
         generator.set_state(payload["generator"])
-        torch.set_rng_state(payload["torch_rng"])
-        if payload["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(payload["cuda_rng"])
+        rank_rng = payload.get("rank_rng") or [
+            {"torch": payload["torch_rng"], "cuda": payload["cuda_rng"]}]
+        if len(rank_rng) != self.dist.world_size:
+            logger.warning(
+                "the checkpoint was written by %d rank(s), this run has %d: QDrop's random "
+                "masks will differ from an uninterrupted run", len(rank_rng), self.dist.world_size)
+        _set_rng_states(rank_rng[self.dist.rank % len(rank_rng)])
         self.done = list(payload["done"])
         logger.info("resumed from %s: %d steps already done", self.path, len(self.done))
 
     def finish(self) -> None:
-        if self.path is not None:
+        if self.path is not None and self.dist.is_main:
             logger.info("run complete; its checkpoint stays at %s", self.path)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..config import BrecqConfig
+from ..distributed import SINGLE_PROCESS, DistContext, current
 from ..errors import ConfigError, DataError, ModelError, ReconstructionError
 from ..graph.prepare import QuantizedModel, Unit, prepare
 from ..quant import state
@@ -60,11 +61,13 @@ class QuantizationReport:
     units: list[UnitReport] = field(default_factory=list)
     recon_seconds: float = 0.0
     device: str = ""
+    world_size: int = 1
 
     def to_dict(self) -> dict:
         return {
             "config": self.config,
             "device": self.device,
+            "world_size": self.world_size,
             "units": [asdict(u) for u in self.units],
             "recon_seconds": self.recon_seconds,
         }
@@ -200,9 +203,10 @@ def float_logits(qmodel: QuantizedModel, data: Tensor, device: torch.device) -> 
 
 def capture_fisher(
     qmodel: QuantizedModel, unit: Unit, data: Tensor, fp_logits: Tensor, device: torch.device,
-    cache: ActivationCache, *, acts: bool,
+    cache: ActivationCache, *, acts: bool, dist: DistContext = SINGLE_PROCESS,
 ) -> None:
-    """Squared gradient of KL(float || quantized network) at the unit output, mean-normalized.
+    """Squared gradient of KL(float || quantized network) at the unit output, mean-normalized
+    (by the mean over all ranks' samples).
 
     The network runs in its current quantization state (earlier units reconstructed, this and
     later ones at their initial rounding); the gradient is taken at the unit's quantized output.
@@ -234,7 +238,7 @@ def capture_fisher(
         handle.remove()
     for k in range(len(grads[0])):
         squared = torch.cat([g[k] for g in grads]).pow(2)
-        cache.append(f"{GRAD}{k}", squared / squared.mean().clamp_min(1e-12))
+        cache.append(f"{GRAD}{k}", squared / dist.global_mean(squared).clamp_min(1e-12))
     cache.finish()
 
 
@@ -244,13 +248,20 @@ def _unit_params(qmodel: QuantizedModel, unit: Unit) -> int:
 
 @torch.no_grad()
 def initialize_activations(qmodel: QuantizedModel, data: Tensor, config: BrecqConfig,
-                           device: torch.device) -> None:
-    """Set every activation scale from one forward pass, each seeing quantized upstream values."""
+                           device: torch.device,
+                           dist: DistContext = SINGLE_PROCESS) -> None:
+    """Set every activation scale from one forward pass, each seeing quantized upstream values.
+
+    With several ranks, the `act_init_samples` are spread over the ranks (each takes the first
+    of its shard) and every scale is searched on the observations of all of them.
+    """
     if not qmodel.act_quantizers:
         return
-    sample = data[: config.act_init_samples or 1].to(device)
+    start, stop = dist.shard_range(config.act_init_samples or 1)
+    sample = data[: max(1, stop - start)].to(device)
     with qmodel.quantization(weights=True, acts=True), state.calibrating(
-        qmodel.act_quantizers.values(), config.scale_search, config.lp_norm
+        qmodel.act_quantizers.values(), config.scale_search, config.lp_norm,
+        dist.gather_search_sample if dist.distributed else None,
     ):
         qmodel(sample)
 
@@ -259,6 +270,7 @@ def _reconstruct_pass(
     qmodel: QuantizedModel, data: Tensor, config: BrecqConfig, device: torch.device,
     placement: CachePlacement, report: QuantizationReport, *, phase: str,
     fp_logits: Tensor | None, generator: torch.Generator, checkpoint: RunCheckpoint,
+    dist: DistContext,
 ) -> None:
     learn_weights = phase in ("weights", "joint")
     iters = config.iters_w if learn_weights else config.iters_a
@@ -278,7 +290,7 @@ def _reconstruct_pass(
         try:
             result = _reconstruct_unit(
                 qmodel, unit, k, data, device, placement, phase=phase, schedule=schedule,
-                options=options, fp_logits=fp_logits, generator=generator,
+                options=options, fp_logits=fp_logits, generator=generator, dist=dist,
             )
         except torch.OutOfMemoryError as exc:
             raise ReconstructionError(
@@ -292,16 +304,17 @@ def _reconstruct_pass(
                                  result.loss_after, time.perf_counter() - started,
                                  result.iterations)
         report.units.append(unit_report)
-        logger.info("%s unit %d/%d %s: loss %.5g -> %.5g (%d iterations, %.1fs)", phase, k + 1,
-                    len(qmodel.units), unit.name, result.loss_before, result.loss_after,
-                    result.iterations, unit_report.seconds)
+        if dist.is_main:
+            logger.info("%s unit %d/%d %s: loss %.5g -> %.5g (%d iterations, %.1fs)", phase,
+                        k + 1, len(qmodel.units), unit.name, result.loss_before,
+                        result.loss_after, result.iterations, unit_report.seconds)
         checkpoint.mark_done(phase, k, qmodel, report, generator)
 
 
 def _reconstruct_unit(
     qmodel: QuantizedModel, unit: Unit, k: int, data: Tensor, device: torch.device,
     placement: CachePlacement, *, phase: str, schedule: Schedule, options: LoopOptions,
-    fp_logits: Tensor | None, generator: torch.Generator,
+    fp_logits: Tensor | None, generator: torch.Generator, dist: DistContext,
 ) -> UnitResult:
     learn_weights = phase in ("weights", "joint")
     acts_on = phase in ("activations", "joint")
@@ -312,7 +325,7 @@ def _reconstruct_unit(
         capture(qmodel, unit, data, device, cache, weights=False, acts=False,
                 inputs_key=FP_IN if phase == "joint" else None, outputs_key=FP_OUT)
         if fp_logits is not None:
-            capture_fisher(qmodel, unit, data, fp_logits, device, cache, acts=acts_on)
+            capture_fisher(qmodel, unit, data, fp_logits, device, cache, acts=acts_on, dist=dist)
         weight_qs = []
         if learn_weights:
             weight_qs = [
@@ -324,7 +337,7 @@ def _reconstruct_unit(
             return optimize_unit(
                 unit.module, cache, weight_qs, act_qs, schedule, generator,
                 description=f"{phase[:1]} {k + 1}/{len(qmodel.units)} {unit.name}",
-                options=options,
+                options=options, dist=dist,
             )
     finally:
         cache.clear()
@@ -346,6 +359,12 @@ def quantize(
     With `checkpoint_dir`, progress is saved after every unit; `resume=True` continues from
     there and ends with the same result as an uninterrupted run.
     Returns the fake-quantized model and a per-unit report.
+
+    Under an initialized torch.distributed process group (e.g. `brecq quantize` run by
+    torchrun) every rank calls this with the same model and config and its own contiguous
+    shard of the calibration set, up to its share of `calib_size` (`DistContext.shard`); pass
+    the same `checkpoint_dir` everywhere (rank 0 writes it). Every rank returns the same
+    model, equal to a single-process run on the union of the shards up to float rounding.
     """
     config = config or BrecqConfig()
     device = resolve_device(config.device)
@@ -353,9 +372,16 @@ def quantize(
         raise ConfigError(f"autocast 'tf32' needs a CUDA device, not {device}: use --autocast bf16"
                           " (or none) on this device")
     placement = CachePlacement.resolve(config, device)
-    torch.manual_seed(config.seed)
+    dist = current(config.dist_timeout)
+    if config.calib_size < dist.world_size:
+        raise ConfigError(f"calib_size={config.calib_size} is smaller than the {dist.world_size}"
+                          " ranks: every rank needs calibration samples; use more samples")
+    # QDrop's random masks come from torch's global generator: a different stream per rank, so
+    # that ranks do not drop the same elements. Mini-batch indices are global: one stream.
+    torch.manual_seed(config.seed + dist.rank)
     generator = torch.Generator().manual_seed(config.seed)
-    data = calibration_tensor(calib_data, config.calib_size)
+    start, stop = dist.shard_range(config.calib_size)
+    data = calibration_tensor(calib_data, stop - start)
 
     started = time.perf_counter()
     was_training = model.training
@@ -364,28 +390,35 @@ def quantize(
     finally:
         model.train(was_training)
     qmodel.to(device)
-    report = QuantizationReport(config=config.to_dict(), device=str(device))
-    checkpoint = RunCheckpoint(checkpoint_dir, config, data)
+    report = QuantizationReport(config=config.to_dict(), device=str(device),
+                                world_size=dist.world_size)
+    checkpoint = RunCheckpoint(checkpoint_dir, config, data, dist)
     if resume:
         checkpoint.restore(qmodel, report, generator)
+    dist.check_identical(qmodel.state_dict(), "model weights",
+                         "load the same model and weights on every rank")
     fp_logits = float_logits(qmodel, data, device) if config.loss == "fisher" else None
-    common = dict(fp_logits=fp_logits, generator=generator, checkpoint=checkpoint)
+    common = dict(fp_logits=fp_logits, generator=generator, checkpoint=checkpoint, dist=dist)
 
     if config.method == "brecq":
         _reconstruct_pass(qmodel, data, config, device, placement, report, phase="weights", **common)
         if qmodel.act_quantizers:
             if not checkpoint.is_done("init", 0):
-                initialize_activations(qmodel, data, config, device)
+                initialize_activations(qmodel, data, config, device, dist)
                 checkpoint.mark_done("init", 0, qmodel, report, generator)
             _reconstruct_pass(qmodel, data, config, device, placement, report,
                               phase="activations", **common)
     elif config.method == "qdrop":
         if not checkpoint.is_done("init", 0):
-            initialize_activations(qmodel, data, config, device)
+            initialize_activations(qmodel, data, config, device, dist)
             checkpoint.mark_done("init", 0, qmodel, report, generator)
         _reconstruct_pass(qmodel, data, config, device, placement, report, phase="joint", **common)
     else:
-        initialize_activations(qmodel, data, config, device)
+        initialize_activations(qmodel, data, config, device, dist)
+    dist.check_identical(
+        qmodel.state_dict(), "quantization parameters",
+        "run the same brecq version, model and config on the same kind of device everywhere",
+    )
     report.recon_seconds = time.perf_counter() - started
     checkpoint.finish()
     return qmodel, report

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..distributed import SINGLE_PROCESS, DistContext
 from ..errors import ReconstructionError
 from ..quant import primitives as P
 from ..quant import state
@@ -114,6 +115,22 @@ class UnitObjective:
         self.output_keys = cache.keys_with_prefix(FP_OUT)
         self.grad_keys = cache.keys_with_prefix(GRAD)
 
+    @property
+    def num_samples(self) -> int:
+        return len(self.cache)
+
+    @property
+    def device(self) -> torch.device:
+        return self.cache.compute_device
+
+    @property
+    def index_device(self) -> torch.device:
+        return self.cache.index_device
+
+    def local_batch(self, index: Tensor, drop_prob: float = 0.0) -> tuple[tuple | None, float]:
+        """The batch of samples `index` and its share of the mean error (1: all samples here)."""
+        return self.batch(index, drop_prob), 1.0
+
     def batch(self, index: Tensor, drop_prob: float = 0.0) -> tuple[list[Tensor], ...]:
         """Inputs, targets and Fisher weights (empty list without) of samples `index`."""
         inputs = [self.cache.batch(k, index) for k in self.input_keys]
@@ -150,6 +167,46 @@ class UnitObjective:
         return float(total) / max(1, count)
 
 
+class ShardedObjective:
+    """A unit's error over the union of every rank's cache; each rank holds its own shard.
+
+    Mini-batch indices are global (ranks' shards in rank order); each rank computes the error of
+    the samples it owns, weighted by their share of the batch, so the sum over ranks is the
+    single-process mean error and, once gradients are summed across ranks, its gradient.
+    """
+
+    def __init__(self, local: UnitObjective, dist: DistContext) -> None:
+        self.local = local
+        self.dist = dist
+        sizes = dist.sizes(local.num_samples)
+        self.offset = sum(sizes[: dist.rank])
+        self.num_samples = sum(sizes)
+        self.device = local.device
+        self.index_device = local.index_device
+        self.loss = local.loss
+
+    def local_batch(self, index: Tensor, drop_prob: float = 0.0) -> tuple[tuple | None, float]:
+        owned = index[(index >= self.offset) & (index < self.offset + self.local.num_samples)]
+        if owned.numel() == 0:
+            return None, 0.0
+        return self.local.batch(owned - self.offset, drop_prob), owned.numel() / index.numel()
+
+    def error(self, index: Tensor, drop_prob: float = 0.0) -> Tensor:
+        batch, share = self.local_batch(index, drop_prob)
+        if batch is None:
+            # Nothing of this batch is here: no gradient (sum_gradients counts it as zero).
+            return torch.zeros((), device=self.device, requires_grad=True)
+        return self.loss(*batch) * share
+
+    def full_error(self, batch_size: int = 256) -> float:
+        count = self.local.num_samples
+        total, seen = self.dist.sum_values([self.local.full_error(batch_size) * count, count])
+        return total / seen
+
+
+Objective = UnitObjective | ShardedObjective
+
+
 def _optimizers(
     rounding: list[nn.Parameter], act_quantizers: Sequence[ActQuantizer], schedule: Schedule,
     fused: bool,
@@ -167,14 +224,6 @@ def _optimizers(
     return optimizers, scheduler
 
 
-def _check_finite(value: float, step: int, description: str) -> None:
-    if not math.isfinite(value):
-        raise NonFiniteLossError(
-            f"reconstruction loss became {value} at iteration {step} of {description}:"
-            " check the calibration data for extreme values, or lower --w-lr/--a-lr"
-        )
-
-
 def optimize_unit(
     unit: nn.Module,
     cache: ActivationCache,
@@ -184,13 +233,17 @@ def optimize_unit(
     generator: torch.Generator,
     description: str = "",
     options: LoopOptions = LoopOptions(),
+    dist: DistContext = SINGLE_PROCESS,
 ) -> UnitResult:
     """Optimize the given quantizers of `unit`; returns the output error before and after.
 
     `weight_quantizers` pairs each quantizer with its float weight: they get learned rounding.
-    `act_quantizers` get their step sizes learned. Either may be empty.
+    `act_quantizers` get their step sizes learned. Either may be empty. With several ranks
+    (`dist`), `cache` holds this rank's shard and every rank ends with the same parameters.
     """
-    objective = UnitObjective(unit, cache, schedule.loss_p)
+    objective: Objective = UnitObjective(unit, cache, schedule.loss_p)
+    if dist.distributed:
+        objective = ShardedObjective(objective, dist)
     before = objective.full_error()
     if schedule.iters == 0 or (not weight_quantizers and not act_quantizers):
         return UnitResult(before, before, 0)
@@ -200,120 +253,138 @@ def optimize_unit(
                                         fused=options.loop == "fast")
     wqs = [q for q, _ in weight_quantizers]
     bar = tqdm(range(schedule.iters), desc=description, leave=False, dynamic_ncols=True,
-               mininterval=1.0, disable=None)
+               mininterval=1.0, disable=None if dist.is_main else True)
     run = _fast_loop if options.loop == "fast" else _eager_loop
+    loop = _Loop(wqs, act_quantizers, optimizers, scheduler, schedule, options, dist, description)
     with state.soft_rounding(wqs), state.dropping(act_quantizers, schedule.drop_prob):
-        iterations = run(objective, wqs, act_quantizers, optimizers, scheduler, schedule,
-                         options, generator, bar, description)
+        iterations = run(objective, loop, generator, bar)
     bar.close()
     return UnitResult(before, objective.full_error(), iterations)
 
 
-def _step(
-    optimizers: list[torch.optim.Optimizer], scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-    act_quantizers: Sequence[ActQuantizer], loss: Tensor,
-) -> None:
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
-    loss.backward()
-    for opt in optimizers:
-        opt.step()
-    if scheduler is not None:
-        scheduler.step()
-    if act_quantizers:
-        with torch.no_grad():
-            torch._foreach_clamp_min_([q.scale for q in act_quantizers], 1e-8)
+@dataclass(frozen=True)
+class _Loop:
+    """What both loops share: the quantizers, their optimizers and how to run."""
+
+    wqs: list[WeightQuantizer]
+    act_quantizers: Sequence[ActQuantizer]
+    optimizers: list[torch.optim.Optimizer]
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    schedule: Schedule
+    options: LoopOptions
+    dist: DistContext
+    description: str
+
+    def step(self, loss: Tensor) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.dist.distributed:
+            self.dist.sum_gradients([*(q.alpha for q in self.wqs),
+                                     *(q.scale for q in self.act_quantizers)])
+        for opt in self.optimizers:
+            opt.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        if self.act_quantizers:
+            with torch.no_grad():
+                torch._foreach_clamp_min_([q.scale for q in self.act_quantizers], 1e-8)
+
+    def check(self, local_value: float, step: int, bar: tqdm) -> float:
+        """The loss summed over ranks; raises if it is not finite."""
+        value = self.dist.sum_values([local_value])[0] if self.dist.distributed else local_value
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"reconstruction loss became {value} at iteration {step} of {self.description}:"
+                " check the calibration data for extreme values, or lower --w-lr/--a-lr"
+            )
+        bar.set_postfix(loss=f"{value:.4g}")
+        return value
 
 
-def _eager_loop(
-    objective: UnitObjective, wqs: list[WeightQuantizer], act_quantizers: Sequence[ActQuantizer],
-    optimizers: list[torch.optim.Optimizer], scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-    schedule: Schedule, options: LoopOptions, generator: torch.Generator, bar: tqdm,
-    description: str,
-) -> int:
-    count = len(objective.cache)
+def _eager_loop(objective: Objective, loop: _Loop, generator: torch.Generator, bar: tqdm) -> int:
+    schedule, count = loop.schedule, objective.num_samples
     for step in bar:
         index = torch.randint(count, (min(schedule.batch_size, count),), generator=generator)
-        with reduced_precision(options.autocast, objective.cache.compute_device):
+        with reduced_precision(loop.options.autocast, objective.device):
             loss = objective.error(index, schedule.drop_prob)
         beta = P.beta_schedule(step, schedule.iters, schedule.warmup, schedule.beta_start,
                                schedule.beta_end)
-        if wqs and beta is not None and schedule.round_lambda > 0:
-            loss = loss + schedule.round_lambda * sum(q.regularizer(beta) for q in wqs)
-        _step(optimizers, scheduler, act_quantizers, loss)
+        if loop.wqs and beta is not None and schedule.round_lambda > 0 and loop.dist.is_main:
+            loss = loss + schedule.round_lambda * sum(q.regularizer(beta) for q in loop.wqs)
+        loop.step(loss)
         if step % CHECK_EVERY == 0 or step == schedule.iters - 1:
-            value = float(loss.detach())
-            _check_finite(value, step, description)
-            bar.set_postfix(loss=f"{value:.4g}")
+            loop.check(float(loss.detach()), step, bar)
     return schedule.iters
 
 
-def _fast_loop(
-    objective: UnitObjective, wqs: list[WeightQuantizer], act_quantizers: Sequence[ActQuantizer],
-    optimizers: list[torch.optim.Optimizer], scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-    schedule: Schedule, options: LoopOptions, generator: torch.Generator, bar: tqdm,
-    description: str,
-) -> int:
-    cache = objective.cache
-    device = cache.compute_device
-    count = len(cache)
+def _fast_loop(objective: Objective, loop: _Loop, generator: torch.Generator, bar: tqdm) -> int:
+    schedule, wqs, device = loop.schedule, loop.wqs, objective.device
+    count = objective.num_samples
     # One draw for the whole unit: the same samples the eager loop draws step by step, without a
     # host-to-device copy per step.
     indices = torch.randint(count, (schedule.iters, min(schedule.batch_size, count)),
-                            generator=generator).to(cache.storage_device)
-    # The regularizer's weight (0 during warm-up) and beta for every step, on the device, so a
-    # compiled step sees tensors, not a new Python constant each step.
+                            generator=generator).to(objective.index_device)
+    # The regularizer's weight (0 during warm-up; counted once over ranks) and beta for every
+    # step, on the device, so a compiled step sees tensors, not a new Python constant each step.
     betas, lambdas = [], []
     for step in range(schedule.iters):
         beta = P.beta_schedule(step, schedule.iters, schedule.warmup, schedule.beta_start,
                                schedule.beta_end)
         betas.append(schedule.beta_start if beta is None else beta)
-        lambdas.append(0.0 if beta is None or not wqs else schedule.round_lambda)
+        off = beta is None or not wqs or not loop.dist.is_main
+        lambdas.append(0.0 if off else schedule.round_lambda)
     betas_t = torch.tensor(betas, device=device)
     lambdas_t = torch.tensor(lambdas, device=device)
 
-    def step_loss(inputs: list[Tensor], targets: list[Tensor], weights: list[Tensor],
-                  beta: Tensor, lam: Tensor) -> Tensor:
-        with reduced_precision(options.autocast, device):
-            loss = objective.loss(inputs, targets, weights)
+    def step_loss(batch: tuple, share: float, beta: Tensor, lam: Tensor) -> Tensor:
+        if batch is None:  # another rank holds every sample of this step
+            loss = torch.zeros((), device=device)
+        else:
+            with reduced_precision(loop.options.autocast, device):
+                loss = objective.loss(*batch) * share
         if wqs:
             loss = loss + lam * sum(q.regularizer(beta) for q in wqs)
         return loss
 
-    if options.compile:
-        step_loss = _compiled(step_loss, device, objective.batch(indices[0]), betas_t[0],
-                              lambdas_t[0], optimizers)
+    if loop.options.compile:
+        step_loss = _compiled(step_loss, device, objective.local_batch(indices[0]), betas_t[0],
+                              lambdas_t[0], loop.optimizers)
     window = torch.zeros((), device=device)
     previous: float | None = None
-    early_stop = options.early_stop if not wqs else 0.0  # annealed rounding must run to the end
+    # Annealed rounding must run to its end; only step-size passes may stop early.
+    early_stop = loop.options.early_stop if not wqs else 0.0
     for step in bar:
-        loss = step_loss(*objective.batch(indices[step], schedule.drop_prob), betas_t[step],
-                         lambdas_t[step])
-        _step(optimizers, scheduler, act_quantizers, loss)
+        loss = step_loss(*objective.local_batch(indices[step], schedule.drop_prob),
+                         betas_t[step], lambdas_t[step])
+        if loss.requires_grad:
+            loop.step(loss)
+        else:  # nothing to differentiate on this rank: it still joins the gradient sum
+            loop.step(torch.zeros((), device=device, requires_grad=True))
         window += loss.detach()
         done = step + 1
         if done % CHECK_EVERY == 0 or done == schedule.iters:
-            value = float(window) / (CHECK_EVERY if done % CHECK_EVERY == 0 else
-                                     done % CHECK_EVERY)
+            steps_in_window = CHECK_EVERY if done % CHECK_EVERY == 0 else done % CHECK_EVERY
+            value = loop.check(float(window) / steps_in_window, step, bar)
             window.zero_()
-            _check_finite(value, step, description)
-            bar.set_postfix(loss=f"{value:.4g}")
             if early_stop > 0 and previous is not None and previous - value < early_stop * previous:
-                logger.debug("%s: converged after %d iterations", description, done)
+                logger.debug("%s: converged after %d iterations", loop.description, done)
                 return done
             previous = value
     return schedule.iters
 
 
 def _compiled(
-    fn: Callable[..., Tensor], device: torch.device, probe_batch: tuple[list[Tensor], ...],
+    fn: Callable[..., Tensor], device: torch.device, probe: tuple[tuple | None, float],
     beta: Tensor, lam: Tensor, optimizers: list[torch.optim.Optimizer],
 ) -> Callable[..., Tensor]:
     """`fn` under torch.compile (CUDA graphs on CUDA), or `fn` itself if compiling fails."""
     mode = "reduce-overhead" if device.type == "cuda" else None
     compiled = torch.compile(fn, mode=mode, dynamic=False)
     try:
-        compiled(*probe_batch, beta, lam).backward()
+        loss = compiled(*probe, beta, lam)
+        if loss.requires_grad:
+            loss.backward()
     except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
         logger.warning("torch.compile failed (%s: %s); reconstructing eagerly",
                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
