@@ -1,38 +1,66 @@
-"""Time per reconstruction iteration of one unit (the eager loop as it is today).
+"""Reconstruction speed: per-iteration time of single units and the wall time of a whole run.
 
-A first measurement for the speed work: median milliseconds per AdaRound iteration of a CIFAR
-ResNet-20 block (batch 32) on the chosen device, for each CPU thread count asked for. Writes
-benchmarks/results/speed.json with the device name.
+Three measurements, each for every loop variant asked for (`eager` is the straightforward loop
+kept as the baseline; `fast` is the default; `+bf16`/`+compile` add autocast / torch.compile):
 
-    OMP_NUM_THREADS=1 python benchmarks/speed.py --threads 1,2 --iters 200
+  (a) one CIFAR ResNet-20 block (`layer2.1`), batch 32;
+  (b) torchvision ResNet-18 `layer1.0` and `layer4.1` at 224x224, batch 32 (random weights and
+      inputs: the arithmetic is what is timed);
+  (c) the whole ResNet-20 W4A4 BRECQ pipeline at the given budget: wall time, final unit
+      losses and, when ../shared holds CIFAR-10 and the pretrained weights, top-1 on val.
+
+Per-iteration time is the AdaRound loop of `optimize_unit` (what 20,000 iterations per unit
+repeat): (time of N iterations - time of the two full-cache error evaluations) / N, median over
+repetitions that alternate between variants so machine load hits them alike. Also prints the
+activation cache each ResNet-50 unit needs for 1,024 images, and peak host / device memory.
+Writes benchmarks/results/speed.json with the device name.
+
+    OMP_NUM_THREADS=1 python benchmarks/speed.py --device cpu --threads 1
+    python benchmarks/speed.py --device cuda --variants eager,fast,fast+compile,fast+bf16
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
+import os
 import platform
+import resource
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from brecq import BrecqConfig, prepare
-from brecq.quant import state
+from brecq import BrecqConfig, prepare, quantize
+from brecq.models.cifar_resnet import cifar_resnet20
 from brecq.recon.cache import ActivationCache
 from brecq.recon.pipeline import capture
-from brecq.recon.reconstruct import FP_OUT, Q_IN, UnitObjective
+from brecq.recon.reconstruct import FP_OUT, Q_IN, LoopOptions, Schedule, UnitObjective, optimize_unit
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SHARED = ROOT.parent / "shared"
 
 
-def time_unit_iterations(unit_name: str, iters: int, batch: int, device: torch.device) -> list[float]:
-    from brecq.models.cifar_resnet import cifar_resnet20
+def parse_variant(text: str) -> LoopOptions:
+    loop, *extras = text.split("+")
+    unknown = set(extras) - {"bf16", "fp16", "tf32", "compile"}
+    if loop not in ("eager", "fast") or unknown:
+        raise SystemExit(f"variant {text!r}: use eager|fast, optionally +bf16, +tf32, +compile")
+    autocast = next((e for e in extras if e != "compile"), "none")
+    return LoopOptions(loop=loop, autocast=autocast, compile="compile" in extras)
 
-    torch.manual_seed(0)
-    model = cifar_resnet20().eval()
-    calib = torch.randn(256, 3, 32, 32)
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def unit_setup(model: torch.nn.Module, unit_name: str, calib: torch.Tensor, device: torch.device):
+    """Prepared model, the unit and its cache (quantized inputs, float outputs)."""
     qmodel = prepare(model, BrecqConfig(weight_bits=2, act_bits=None), (calib[:2],)).to(device)
     unit = next(u for u in qmodel.units if u.name == unit_name)
     cache = ActivationCache(device, device)
@@ -40,49 +68,218 @@ def time_unit_iterations(unit_name: str, iters: int, batch: int, device: torch.d
             outputs_key=None)
     capture(qmodel, unit, calib, device, cache, weights=False, acts=False, inputs_key=None,
             outputs_key=FP_OUT)
-    quantizers = [q for name in unit.layers for _, w, q in qmodel.layers[name].weight_quantizers()]
-    weights = [w for name in unit.layers for _, w, _ in qmodel.layers[name].weight_quantizers()]
-    params = [q.begin_adaround(w.detach()) for q, w in zip(quantizers, weights)]
-    optimizer = torch.optim.Adam(params, lr=1e-3)
+    return qmodel, unit, cache
+
+
+def time_unit(model: torch.nn.Module, unit_name: str, calib: torch.Tensor, device: torch.device,
+              variants: list[str], iters: int, repeats: int, batch: int) -> list[dict]:
+    qmodel, unit, cache = unit_setup(model, unit_name, calib, device)
+    pairs = [(q, w.detach()) for name in unit.layers
+             for _, w, q in qmodel.layers[name].weight_quantizers()]
+    schedule = Schedule(iters=iters, batch_size=batch, weight_lr=1e-3, act_lr=0.0,
+                        round_lambda=0.01, beta_start=20, beta_end=2, warmup=0.2, loss_p=2.0,
+                        drop_prob=0.0)
     objective = UnitObjective(unit.module, cache, 2.0)
-    generator = torch.Generator().manual_seed(0)
-    times = []
-    with state.soft_rounding(quantizers):
-        for _ in range(iters):
-            started = time.perf_counter()
-            index = torch.randint(len(cache), (batch,), generator=generator)
-            loss = objective.error(index) + 0.01 * sum(q.regularizer(10.0) for q in quantizers)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append((time.perf_counter() - started) * 1000)
-    return times[iters // 10 :]  # drop the warm-up
+    flops = step_flops(objective, len(cache), batch)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    losses: dict[str, float] = {}
+    with qmodel.quantization(weights=True, acts=False):
+        for name in variants:  # warm-up (and compilation) outside the timed repetitions
+            optimize_unit(unit.module, cache, pairs, [], dataclasses.replace(schedule, iters=3),
+                          torch.Generator().manual_seed(0), options=parse_variant(name))
+        sync(device)
+        started = time.perf_counter()
+        objective.full_error()
+        sync(device)
+        evaluation = time.perf_counter() - started
+        for _ in range(repeats):
+            for name in variants:
+                sync(device)
+                started = time.perf_counter()
+                result = optimize_unit(unit.module, cache, pairs, [], schedule,
+                                       torch.Generator().manual_seed(0),
+                                       options=parse_variant(name))
+                sync(device)
+                loop_seconds = time.perf_counter() - started - 2 * evaluation
+                times[name].append(loop_seconds / iters * 1000)
+                losses[name] = result.loss_after
+    return [{"unit": unit_name, "variant": name, "batch": batch, "iters": iters,
+             "repeats": repeats, "median_ms": statistics.median(times[name]),
+             "min_ms": min(times[name]), "loss_after": losses[name],
+             "gflop_per_iter": flops / 1e9,
+             "gflops": flops / 1e9 / (statistics.median(times[name]) / 1000)} for name in variants]
+
+
+def step_flops(objective: UnitObjective, count: int, batch: int) -> float:
+    """Floating-point operations of one forward + backward of the unit's loss (matmul/conv)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = [p for p in objective.unit.parameters() if p.requires_grad]
+    with FlopCounterMode(display=False) as counter:
+        loss = objective.error(torch.arange(min(batch, count)))
+        loss.backward()
+    for p in params:
+        p.grad = None
+    return counter.get_total_flops()
+
+
+def matmul_gflops(device: torch.device) -> float:
+    """Float32 matrix-multiply throughput: the practical arithmetic limit of this device."""
+    a = torch.randn(2048, 2048, device=device)
+    a @ a
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(5):
+        a @ a
+    sync(device)
+    return 5 * 2 * 2048**3 / (time.perf_counter() - started) / 1e9
+
+
+def pipeline_runs(device: torch.device, variants: list[str], iters_w: int, iters_a: int,
+                  calib_size: int) -> list[dict]:
+    """Whole ResNet-20 W4A4 BRECQ runs; real data and weights from ../shared when present."""
+    weights = SHARED / "weights" / "cifar10" / "resnet20.pt"
+    data_dir = SHARED / "data" / "cifar10"
+    real = weights.is_file() and (data_dir / "train").is_dir() and (data_dir / "val").is_dir()
+    if real:
+        from brecq.data import eval_loader, load_calibration
+        from brecq.evaluate import evaluate
+        from brecq.models import build_model
+
+        model, prep = build_model("cifar_resnet20", weights=str(weights))
+        calib = load_calibration(data_dir, prep.to_transform(), num_samples=calib_size, seed=0)
+        val = eval_loader(data_dir, prep.to_transform(), batch_size=500, num_workers=2)
+    else:
+        torch.manual_seed(0)
+        model, calib = cifar_resnet20(), torch.randn(calib_size, 3, 32, 32)
+    model.eval()
+    rows = []
+    for name in variants:
+        options = parse_variant(name)
+        config = BrecqConfig(weight_bits=4, act_bits=4, iters_w=iters_w, iters_a=iters_a,
+                             calib_size=calib_size, device=str(device), recon_loop=options.loop,
+                             autocast=options.autocast, compile=options.compile)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
+        qmodel, report = quantize(model, calib, config)
+        sync(device)
+        row = {"variant": name, "iters_w": iters_w, "iters_a": iters_a,
+               "wall_seconds": time.perf_counter() - started,
+               "final_losses": [round(u.loss_after, 6) for u in report.units],
+               "sum_final_loss": sum(u.loss_after for u in report.units),
+               "data": "cifar10 (../shared)" if real else "random (../shared absent)"}
+        if device.type == "cuda":
+            row["peak_device_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        if real:
+            row["top1"] = evaluate(qmodel, val, device, batch_size=500, progress=False)["top1"]
+        rows.append(row)
+    return rows
+
+
+def resnet50_cache_mib(calib_size: int) -> list[dict]:
+    """Bytes each ResNet-50 unit caches (quantized inputs + float outputs) for `calib_size` images."""
+    from torchvision.models import resnet50
+
+    model = resnet50().eval()
+    sample = torch.randn(2, 3, 224, 224)
+    qmodel = prepare(model, BrecqConfig(), (sample,))
+    rows = []
+    for unit in qmodel.units:
+        cache = ActivationCache(torch.device("cpu"), torch.device("cpu"))
+        capture(qmodel, unit, sample, torch.device("cpu"), cache, weights=False, acts=False,
+                inputs_key=Q_IN, outputs_key=FP_OUT)
+        rows.append({"unit": unit.name, "cache_mib": cache.nbytes() / 2 * calib_size / 2**20})
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", default="1,2", help="comma-separated CPU thread counts")
-    parser.add_argument("--iters", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--unit", default="layer2.1", help="ResNet-20 unit to time")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--variants", default="eager,fast,fast+bf16",
+                        help="comma-separated loop variants: eager|fast[+bf16|+tf32][+compile]")
+    parser.add_argument("--iters", type=int, default=100, help="timed iterations per repetition")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--resnet18-iters", type=int, default=None,
+                        help="iterations for the 224x224 units (default: --iters, 10 on CPU)")
+    parser.add_argument("--pipeline-iters", default="500,100",
+                        help="weight,activation iterations per unit of the whole-run timing;"
+                             " 'skip' to leave it out; the paper budget is 20000,5000")
+    parser.add_argument("--calib-size", type=int, default=1024)
+    parser.add_argument("--skip", default="", help="comma-separated parts to leave out:"
+                        " resnet20,resnet18,pipeline,resnet50-cache")
+    parser.add_argument("--out", type=Path, default=RESULTS / "speed.json")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    rows = []
-    for threads in (int(t) for t in args.threads.split(",")):
-        torch.set_num_threads(threads)
-        times = time_unit_iterations(args.unit, args.iters, args.batch, device)
-        rows.append({"device": str(device), "device_name": name or platform.machine(),
-                     "threads": threads, "unit": args.unit, "batch": args.batch,
-                     "median_ms": statistics.median(times), "min_ms": min(times),
-                     "iterations_timed": len(times)})
-        print(f"{args.unit} batch {args.batch} on {device} ({threads} threads): "
-              f"median {rows[-1]['median_ms']:.2f} ms/iteration, min {rows[-1]['min_ms']:.2f} ms")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "speed.json").write_text(json.dumps(rows, indent=2) + "\n")
+    variants = args.variants.split(",")
+    skip = set(filter(None, args.skip.split(",")))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        platform.processor() or platform.machine())
+    result: dict = {"device": str(device), "device_name": name,
+                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "load_average_start": list(os.getloadavg())}
+    result["matmul_gflops"] = matmul_gflops(device)
+    print(f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads,"
+          f" float32 matmul {result['matmul_gflops']:.0f} GFLOP/s")
+
+    unit_rows = []
+    if "resnet20" not in skip:
+        torch.manual_seed(0)
+        unit_rows += [dict(r, model="cifar_resnet20") for r in time_unit(
+            cifar_resnet20().eval(), "layer2.1", torch.randn(256, 3, 32, 32), device, variants,
+            args.iters, args.repeats, 32)]
+    if "resnet18" not in skip:
+        from torchvision.models import resnet18
+
+        torch.manual_seed(0)
+        model = resnet18().eval()
+        iters = args.resnet18_iters or (10 if device.type == "cpu" else args.iters)
+        calib = torch.randn(64, 3, 224, 224)
+        for unit in ("layer1.0", "layer4.1"):
+            unit_rows += [dict(r, model="resnet18_224") for r in time_unit(
+                model, unit, calib, device, variants, iters, max(2, args.repeats // 2), 32)]
+    baseline = {(r["model"], r["unit"]): r["median_ms"] for r in unit_rows
+                if r["variant"] == "eager"}
+    print(f"\n{'model':<16}{'unit':<10}{'variant':<18}{'median ms/it':>13}{'min':>9}"
+          f"{'vs eager':>10}{'GFLOP/s':>9}{'loss after':>12}")
+    for r in unit_rows:
+        base = baseline.get((r["model"], r["unit"]))
+        r["speedup_vs_eager"] = base / r["median_ms"] if base else None
+        ratio = f"{r['speedup_vs_eager']:.2f}x" if base else "-"
+        print(f"{r['model']:<16}{r['unit']:<10}{r['variant']:<18}{r['median_ms']:>13.2f}"
+              f"{r['min_ms']:>9.2f}{ratio:>10}{r['gflops']:>9.0f}{r['loss_after']:>12.5g}")
+    result["units"] = unit_rows
+
+    if "pipeline" not in skip and args.pipeline_iters != "skip":
+        iters_w, iters_a = (int(v) for v in args.pipeline_iters.split(","))
+        rows = pipeline_runs(device, variants, iters_w, iters_a, args.calib_size)
+        print(f"\nResNet-20 W4A4 BRECQ, {iters_w}/{iters_a} iterations per unit, "
+              f"{args.calib_size} calibration images ({rows[0]['data']}):")
+        for r in rows:
+            top1 = f", top-1 {r['top1']:.2f}" if "top1" in r else ""
+            mem = f", peak device {r['peak_device_mib']:.0f} MiB" if "peak_device_mib" in r else ""
+            print(f"  {r['variant']:<18} {r['wall_seconds']:8.1f} s, sum of final unit losses "
+                  f"{r['sum_final_loss']:.5g}{top1}{mem}")
+        result["pipeline"] = rows
+
+    if "resnet50-cache" not in skip:
+        rows = resnet50_cache_mib(args.calib_size)
+        largest = max(rows, key=lambda r: r["cache_mib"])
+        print(f"\nResNet-50, {args.calib_size} images: largest unit cache {largest['unit']} "
+              f"{largest['cache_mib']:.0f} MiB (inputs + targets, float32); the cache keeps at most"
+              " its device budget (--cache-budget-gb) on the GPU and the rest in pinned host memory")
+        result["resnet50_cache"] = rows
+
+    result["peak_host_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["load_average_end"] = list(os.getloadavg())
+    print(f"\npeak host memory (RSS) {result['peak_host_rss_mib']:.0f} MiB")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

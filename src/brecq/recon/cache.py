@@ -74,7 +74,8 @@ class ActivationCache:
     def batch(self, key: str, index: Tensor) -> Tensor:
         """Samples `index` of `key` on the compute device."""
         stored = self._stored[key]
-        picked = stored[index.to(stored.device)]
+        # index_select: a plain gather, several times faster than advanced indexing on CPU.
+        picked = stored.index_select(0, index.to(stored.device))
         return picked.to(self.compute_device, non_blocking=stored.is_pinned())
 
     def keys_with_prefix(self, prefix: str) -> list[str]:
