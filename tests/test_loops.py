@@ -107,3 +107,13 @@ def test_cache_serves_batches_from_where_it_stored_them():
     assert cache.placement() == {"x/0": "cpu"}
     torch.testing.assert_close(cache.batch("x/0", torch.tensor([4, 1])),
                                torch.tensor([[8.0, 9.0], [2.0, 3.0]]))
+
+
+def test_step_sizes_that_fit_worse_are_not_kept(resnet_and_data):
+    model, calib = resnet_and_data
+    # A learning rate this large throws the step sizes far off their Lp initialization.
+    config = BrecqConfig(iters_w=5, iters_a=20, act_lr=5.0, **TINY)
+    _, report = quantize(model, calib, config)
+    acts = [u for u in report.units if u.phase == "activations" and u.iterations > 0]
+    assert acts
+    assert all(u.loss_after <= u.loss_before for u in acts)

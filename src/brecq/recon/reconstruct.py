@@ -248,6 +248,7 @@ def optimize_unit(
     if schedule.iters == 0 or (not weight_quantizers and not act_quantizers):
         return UnitResult(before, before, 0)
 
+    initial_scales = [q.scale.detach().clone() for q in act_quantizers]
     rounding = [q.begin_adaround(w) for q, w in weight_quantizers]
     optimizers, scheduler = _optimizers(rounding, act_quantizers, schedule,
                                         fused=options.loop == "fast")
@@ -259,7 +260,17 @@ def optimize_unit(
     with state.soft_rounding(wqs), state.dropping(act_quantizers, schedule.drop_prob):
         iterations = run(objective, loop, generator, bar)
     bar.close()
-    return UnitResult(before, objective.full_error(), iterations)
+    after = objective.full_error()
+    if not weight_quantizers and after > before:
+        # Learned step sizes that fit the unit worse than their initialization are not kept
+        # (the Lp-searched scales are often already near a local optimum at low bit widths).
+        with torch.no_grad():
+            for q, scale in zip(act_quantizers, initial_scales):
+                q.scale.copy_(scale)
+        logger.info("%s: learned step sizes raised the loss %.5g -> %.5g; kept the initial ones",
+                    description, before, after)
+        after = objective.full_error()
+    return UnitResult(before, after, iterations)
 
 
 @dataclass(frozen=True)
