@@ -180,6 +180,7 @@ def _config_option(field: dataclasses.Field, tp: Any) -> dict[str, Any]:
         parse, metavar = _names, "A,B,..."
     else:  # pragma: no cover - a new field type needs a parser here
         raise TypeError(f"{field.name}: no command-line parser for {tp!r}")
+    metavar = meta.get("metavar", metavar)
     if optional:
         # --a-bits also takes 32 (full precision) for weight-only quantization.
         parse = _nullable(parse, ("32",) if field.name == "act_bits" else ())

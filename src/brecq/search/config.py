@@ -104,12 +104,14 @@ class SearchConfig:
     size_budget: str = field(
         default="3bit",
         metadata=_opt("--size-budget", "weight size limit: mean bits (3bit, 2.5bit: the size of "
-                      "uniform bits with the first/last-layer rule) or bytes (0.1MB, 64KiB)"),
+                      "uniform bits with the first/last-layer rule) or bytes (0.1MB, 64KiB)",
+                      metavar="BUDGET"),
     )
     bitops_budget: str | None = field(
         default=None,
         metadata=_opt("--bitops-budget", "optional BitOPs limit (weight bits x activation bits x"
-                      " MACs per image): 3bit (that of uniform 3-bit weights) or a count (2.5G)"),
+                      " MACs per image): 3bit (that of uniform 3-bit weights) or a count (2.5G)",
+                      metavar="BUDGET"),
     )
     candidates: tuple[int, ...] = field(
         default=(2, 3, 4, 8),
@@ -148,7 +150,7 @@ class SearchConfig:
     generations: int = field(default=150, metadata=_opt("--generations", "GA generations"))
     mutation: float | None = field(
         default=None,
-        metadata=_opt("--mutation", "GA per-gene mutation probability (default: 1 / units)"),
+        metadata=_opt("--mutation", "GA per-gene mutation probability; none: 1 / units"),
     )
 
     def __post_init__(self) -> None:
