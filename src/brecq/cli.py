@@ -1,4 +1,4 @@
-"""Command line: `brecq quantize`, `brecq eval` and `brecq info`.
+"""Command line: `brecq quantize`, `brecq eval`, `brecq info` and `brecq search-bits`.
 
 The quantization flags are generated from `BrecqConfig`'s field metadata (flag, help, choices)
 and annotations, so the CLI and the Python API share one list of options. Values come from, in
@@ -177,10 +177,13 @@ def _config_option(field: dataclasses.Field, tp: Any) -> dict[str, Any]:
         parse, metavar = str, "NAME"
     elif base is dict or origin is dict:
         parse, metavar = _json_mapping, "JSON"
+    elif (base is tuple or origin is tuple) and typing.get_args(base)[:1] == (int,):
+        parse, metavar = _ints, "N,N,..."
     elif base is tuple or origin is tuple:
         parse, metavar = _names, "A,B,..."
     else:  # pragma: no cover - a new field type needs a parser here
-        raise TypeError(f"BrecqConfig.{field.name}: no command-line parser for {tp!r}")
+        raise TypeError(f"{field.name}: no command-line parser for {tp!r}")
+    metavar = meta.get("metavar", metavar)
     if optional:
         # --a-bits also takes 32 (full precision) for weight-only quantization.
         parse = _nullable(parse, ("32",) if field.name == "act_bits" else ())
@@ -199,9 +202,16 @@ def config_flags() -> dict[str, str]:
     return {f.metadata["flag"]: f.name for f in dataclasses.fields(BrecqConfig) if "flag" in f.metadata}
 
 
+def add_dataclass_arguments(group: Any, cls: type) -> None:
+    """One flag per field of the config dataclass `cls` that has a "flag" (defaults None)."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if "flag" in field.metadata:
+            group.add_argument(field.metadata["flag"], **_config_option(field, hints[field.name]))
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add `--config` and one flag per BrecqConfig field to `parser` (all defaulting to None)."""
-    hints = typing.get_type_hints(BrecqConfig)
+    """Add `--config`, `--bits-config` and one flag per BrecqConfig field to `parser`."""
     group = parser.add_argument_group(
         "quantization options (override --config, which overrides the defaults)"
     )
@@ -209,21 +219,28 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         "--config", metavar="FILE.json",
         help="JSON file of BrecqConfig fields (as written to report.json under 'config')",
     )
-    for field in dataclasses.fields(BrecqConfig):
-        if "flag" not in field.metadata:
-            continue
-        group.add_argument(field.metadata["flag"], **_config_option(field, hints[field.name]))
+    group.add_argument(
+        "--bits-config", metavar="BITS.json",
+        help="per-layer weight bits from `brecq search-bits` ({\"bits\": {\"layer\": 4, ...}});"
+        " --layer-bits entries override it",
+    )
+    add_dataclass_arguments(group, BrecqConfig)
 
 
-def given_config_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The BrecqConfig values given as flags (explicit 'none' becomes None)."""
+def given_dataclass_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The values of `cls` fields given as flags (explicit 'none' becomes None)."""
     out = {}
-    for field in dataclasses.fields(BrecqConfig):
+    for field in dataclasses.fields(cls):
         value = getattr(args, field.name, None)
         if value is None:
             continue
         out[field.name] = None if value is NONE else value
     return out
+
+
+def given_config_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The BrecqConfig values given as flags (explicit 'none' becomes None)."""
+    return given_dataclass_values(args, BrecqConfig)
 
 
 def _config_file_values(path: str) -> dict[str, Any]:
@@ -240,7 +257,13 @@ def config_from_args(
     values: dict[str, Any] = dict(defaults or {})
     if getattr(args, "config", None):
         values.update(_config_file_values(args.config))
-    values.update(given_config_values(args))
+    given = given_config_values(args)
+    if getattr(args, "bits_config", None):
+        from .search.config import read_bits_file
+
+        given["layer_bits"] = {**values.get("layer_bits", {}), **read_bits_file(args.bits_config),
+                               **given.get("layer_bits", {})}
+    values.update(given)
     values.update(fixed)
     return BrecqConfig.from_dict(values)
 
@@ -262,7 +285,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = False
     group.add_argument("--num-classes", type=_int, metavar="N", help="classes of the model's head")
 
 
-def _add_data_arguments(parser: argparse.ArgumentParser, *, eval_batch: bool = True) -> None:
+def _add_data_arguments(parser: argparse.ArgumentParser, *, eval_batch: bool = True,
+                        evaluation: bool = True) -> None:
     group = parser.add_argument_group("data and preprocessing")
     group.add_argument(
         "--data", metavar="DIR",
@@ -276,9 +300,10 @@ def _add_data_arguments(parser: argparse.ArgumentParser, *, eval_batch: bool = T
     group.add_argument("--interpolation", choices=["nearest", "bilinear", "bicubic", "box",
                                                    "hamming", "lanczos"],
                        help="resize interpolation")
-    group.add_argument("--eval-size", type=_int, metavar="N",
-                       help="evaluate on N validation images (a fixed random subset; default all)")
-    if eval_batch:
+    if evaluation:
+        group.add_argument("--eval-size", type=_int, metavar="N",
+                           help="evaluate on N validation images (a fixed random subset; default all)")
+    if eval_batch and evaluation:
         group.add_argument("--eval-batch-size", type=_int, default=100, metavar="N",
                            help="evaluation batch size (default: 100)")
     group.add_argument("--workers", type=_int, default=min(4, os.cpu_count() or 1), metavar="N",
@@ -752,6 +777,70 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------- search-bits
+
+
+def _cmd_search_bits(args: argparse.Namespace) -> int:
+    from .data import load_calibration
+    from .search import SearchConfig, allocate_bits, measure_sensitivity
+
+    if args.data is None:
+        raise UsageError("search-bits needs --data DIR (calibration images in DIR/train/<class>/)")
+    config = config_from_args(args)
+    search = SearchConfig(**given_dataclass_values(args, SearchConfig))
+    started = time.perf_counter()
+    model, base_prep = _build(args)
+    prep = _preprocessing(args, base_prep)
+    out = _make_out_dir(args.out)
+    cache = Path(args.sensitivity_cache).expanduser() if args.sensitivity_cache else (
+        out / "sensitivity.json")
+    samples = load_calibration(args.data, prep, num_samples=search.samples, seed=config.seed,
+                               strict=args.strict)
+    table = measure_sensitivity(model, samples, config, search, cache)
+    found = allocate_bits(table, search, seed=config.seed)
+    params = sum(info.params for info in table.layers.values())
+    chosen = {k: v for k, v in found.to_dict().items() if k not in ("bits", "front", "uniform")}
+    chosen["budget_mean_bits"] = found.budget_bits / params
+    _write_json(out / "bits.json", {"bits": found.bits, "model": args.model, "search": chosen,
+                                    "search_config": search.to_dict(),
+                                    "config": config.to_dict()})
+    pareto = {"chosen": chosen, "uniform": found.uniform, "front": found.front}
+    _write_json(out / "pareto.json", pareto)
+    try:
+        from .search.plot import plot_pareto
+
+        plot_pareto(pareto, out / "pareto.png", title=f"{args.model}: size vs sensitivity")
+        plotted = True
+    except ImportError:
+        logger.warning("matplotlib is not installed: pareto.png not written (pip install "
+                       "matplotlib)")
+        plotted = False
+
+    print(f"Model {args.model}: {len(table.layers)} weight layers, {params:,} weights, "
+          f"{len(table.units)} units; sensitivity table {cache}")
+    print(f"Size budget {search.size_budget}: {found.budget_bits:,} bits "
+          f"({found.budget_bits / 8000:.2f} kB, {chosen['budget_mean_bits']:.3f} bits/weight)"
+          + (f"; BitOPs budget {search.bitops_budget}: {found.bitops_limit:,}"
+             if found.bitops_limit is not None else ""))
+    print(f"Chosen: {found.size_bits:,} bits ({found.mean_bits:.3f} bits/weight), "
+          f"BitOPs {found.bitops:,}, summed sensitivity {found.sensitivity:.6g} ({found.solver}; "
+          f"GA {found.genetic_sensitivity:.6g}"
+          + (f", exact optimum {found.exact_sensitivity:.6g}" if found.exact_sensitivity is not None
+             else "") + ")")
+    for point in found.uniform:
+        print(f"  uniform W{point['bits']}: {point['size_bits']:,} bits, "
+              f"sensitivity {point['sensitivity']:.6g}")
+    width = max(len(n) for n in found.bits)
+    for unit in table.units:
+        for name in unit.layers:
+            print(f"  {name:{width}s}  {found.bits[name]} bits  ({table.layers[name].params:,} "
+                  f"weights, unit {unit.name})")
+    print(f"Wrote {out / 'bits.json'} (use: brecq quantize ... --bits-config {out / 'bits.json'}), "
+          f"{out / 'pareto.json'}" + (f", {out / 'pareto.png'}" if plotted else "")
+          + f" in {time.perf_counter() - started:.0f}s")
+    return 0
+
+
 # ------------------------------------------------------------------------- parser and main
 
 
@@ -817,6 +906,28 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--layers", action="store_true", help="also list every layer with its bits")
     add_config_arguments(i)
     i.set_defaults(func=_cmd_info)
+
+    from .search.config import SearchConfig
+
+    sb = sub.add_parser(
+        "search-bits", help="choose per-layer weight bits under a size budget (mixed precision)",
+        description="Measure each unit's sensitivity to candidate bit widths on calibration "
+        "images from DATA/train, then choose per-layer bits under --size-budget with a genetic "
+        "algorithm (checked by an exact solver). Writes OUT/bits.json for `brecq quantize "
+        "--bits-config` and the Pareto front (pareto.json, pareto.png).",
+    )
+    _add_common(sb)
+    _add_model_arguments(sb, required=True)
+    _add_data_arguments(sb, evaluation=False)
+    run = sb.add_argument_group("run")
+    run.add_argument("--out", metavar="DIR", required=True,
+                     help="output folder for bits.json, pareto.json/png and sensitivity.json")
+    run.add_argument("--sensitivity-cache", metavar="FILE",
+                     help="sensitivity table to reuse and update (default: OUT/sensitivity.json);"
+                     " share it between searches with other budgets")
+    add_dataclass_arguments(sb.add_argument_group("search options"), SearchConfig)
+    add_config_arguments(sb)
+    sb.set_defaults(func=_cmd_search_bits)
 
     if importlib.util.find_spec("brecq.export.cli") is not None:
         from .export.cli import add_export_subparser
