@@ -41,7 +41,7 @@ from ..fileio import atomic_write_text
 from ..graph.prepare import QuantizedModel, Unit, _weight_quantizer, prepare
 from ..quant.quantizers import WeightQuantizer
 from ..recon.cache import ActivationCache
-from ..recon.pipeline import CAPTURE_BATCH, capture, resolve_device
+from ..recon.pipeline import CAPTURE_BATCH, CachePlacement, capture, resolve_device
 from ..recon.reconstruct import FP_OUT, Q_IN, Schedule, optimize_unit
 from .config import SearchConfig
 
@@ -332,8 +332,7 @@ def _measure_unit(qmodel: QuantizedModel, unit: Unit, bank: _QuantizerBank,
                   config: BrecqConfig, search: SearchConfig, device: torch.device,
                   generator: torch.Generator) -> UnitSensitivity:
     started = time.perf_counter()
-    storage = device if config.cache_device == "auto" else resolve_device(config.cache_device)
-    cache = ActivationCache(device, storage)
+    cache = CachePlacement.resolve(config, device).new_cache(device)
     errors, nearest = [], []
     try:
         capture(qmodel, unit, data, device, cache, weights=False, acts=False, inputs_key=Q_IN,
