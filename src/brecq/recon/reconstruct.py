@@ -211,8 +211,11 @@ def _optimizers(
     rounding: list[nn.Parameter], act_quantizers: Sequence[ActQuantizer], schedule: Schedule,
     fused: bool,
 ) -> tuple[list[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler | None]:
-    # Fused Adam: one kernel for all parameters instead of several per parameter.
-    extra = {"fused": True} if fused else {}
+    # Fused Adam: one kernel for all parameters instead of several per parameter (where torch
+    # has it: CPU and CUDA; elsewhere the default implementation).
+    params = [*rounding, *(q.scale for q in act_quantizers)]
+    fusable = all(p.device.type in ("cpu", "cuda") for p in params)
+    extra = {"fused": True} if fused and fusable else {}
     optimizers: list[torch.optim.Optimizer] = []
     if rounding:
         optimizers.append(torch.optim.Adam(rounding, lr=schedule.weight_lr, **extra))
