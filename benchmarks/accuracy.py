@@ -196,7 +196,7 @@ def make_config(method: str, bits: str, seed: int, args: argparse.Namespace) -> 
     wb, ab = parse_bits(bits)
     return BrecqConfig(
         weight_bits=wb, act_bits=ab, seed=seed, device=args.device, calib_size=args.calib_size,
-        iters_w=args.iters_w, iters_a=args.iters_a, **METHODS[method],
+        iters_w=args.iters_w, iters_a=args.iters_a, act_lr=args.act_lr, **METHODS[method],
     )
 
 
@@ -256,7 +256,7 @@ def run_all(args: argparse.Namespace, out_jsonl: Path) -> None:
                     config={k: v for k, v in config.to_dict().items()
                             if k in ("method", "granularity", "loss", "iters_w", "iters_a",
                                      "weight_bits", "act_bits", "first_last_bits", "calib_size",
-                                     "batch_size")},
+                                     "batch_size", "act_lr")},
                     units=[{"name": u.name, "phase": u.phase, "loss_before": u.loss_before,
                             "loss_after": u.loss_after, "seconds": round(u.seconds, 2)}
                            for u in report.units],
@@ -433,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters-w", type=int, default=None, help="override the budget's weight iterations")
     p.add_argument("--iters-a", type=int, default=None,
                    help="override the budget's activation iterations")
+    p.add_argument("--act-lr", type=float, default=None,
+                   help="activation step-size learning rate (default: the method's)")
     p.add_argument("--calib-size", type=int, default=1024, help="calibration images from train")
     p.add_argument("--eval-size", type=int, default=None,
                    help="evaluate on only the first N images (quick checks; default: all)")
