@@ -9,14 +9,16 @@ differences and accuracies, artifact size vs the float checkpoint, and onnxrunti
 of the W8A8 QDQ model vs the float ONNX model. Writes benchmarks/results/export_check.json.
 Skips (exit 0) when ../shared is absent.
 
-onnxruntime's QDQ optimizer (already at its basic level) rewrites the float bias of every Conv
-whose input and output are quantized as int32 codes at scale in_scale * weight_scale, as integer
-kernels need it; the PyTorch fake-quantized model keeps the float bias. To separate that
-rounding from everything else, the PyTorch model is also run with the very biases onnxruntime
-computed ("int32-bias reference").
+By default the models are quantized with `integer_bias` on: PyTorch adds each bias on the int32
+grid in_scale * weight_scale and the export holds it as int32 codes, as integer kernels use it.
+With `--no-integer-bias` the biases stay float; onnxruntime's QDQ optimizer (already at its
+basic level) then rounds the bias of every Conv whose input and output are quantized itself.
+To separate that rounding from everything else, the PyTorch model is also run with the very
+biases onnxruntime computed ("int32-bias reference"; equal to the model itself when no float
+bias is left to round).
 
     python benchmarks/export_check.py [--iters-w 200] [--iters-a 100] [--runs 50]
-        [--artifacts DIR] [--limit N] [--out FILE]
+        [--no-integer-bias] [--artifacts DIR] [--limit N] [--out FILE]
 """
 
 from __future__ import annotations
@@ -92,8 +94,10 @@ def _ort_rounded_biases(onnx_path: Path, optimized_path: Path, ort, onnx) -> dic
     ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     original = onnx.load(str(onnx_path)).graph
     optimized = onnx.load(str(optimized_path)).graph
+    float_inits = {t.name for t in original.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    # Only float biases: with integer_bias the export already holds them as int32 codes.
     bias_of = {n.output[0]: n.input[2] for n in original.node
-               if n.op_type == "Conv" and len(n.input) > 2}
+               if n.op_type == "Conv" and len(n.input) > 2 and n.input[2] in float_inits}
     dequantized = {n.output[0]: n for n in optimized.node if n.op_type == "DequantizeLinear"}
     inits = {t.name: numpy_helper.to_array(t) for t in optimized.initializer}
     biases = {}
@@ -136,6 +140,8 @@ def main() -> int:
                         help="folder for the artifacts and ONNX files (default: a new temporary "
                         "folder); an artifact already there with the same config is loaded "
                         "instead of quantizing again")
+    parser.add_argument("--integer-bias", action=argparse.BooleanOptionalAction, default=True,
+                        help="BrecqConfig.integer_bias of the quantized models (default: on)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results JSON (default {RESULTS})")
     args = parser.parse_args()
 
@@ -220,7 +226,8 @@ def main() -> int:
     results: dict = {
         "model": "cifar_resnet20", "images": len(val_x), "float_top1": fp_top1,
         "iters_w": args.iters_w, "iters_a": args.iters_a, "calib_size": args.calib_size,
-        "threads": args.threads, "cpu": _cpu_name(), "cpu_int8_features": _cpu_int8_features(),
+        "threads": args.threads, "integer_bias": args.integer_bias, "cpu": _cpu_name(),
+        "cpu_int8_features": _cpu_int8_features(),
         "cpu_count": os.cpu_count(),
         "load_average_at_start": list(os.getloadavg()), "onnxruntime": ort.__version__,
         "torch": torch.__version__, "onnx_opset": 17,
@@ -232,7 +239,8 @@ def main() -> int:
     for wb in (4, 8):
         label = f"W{wb}A8"
         config = BrecqConfig(weight_bits=wb, act_bits=8, iters_w=args.iters_w,
-                             iters_a=args.iters_a, calib_size=args.calib_size, device="cpu")
+                             iters_a=args.iters_a, calib_size=args.calib_size, device="cpu",
+                             integer_bias=args.integer_bias)
         art = work / label
         reused = (art / "config.json").is_file() and BrecqConfig.from_json(art / "config.json") == config
         if reused:

@@ -1,7 +1,8 @@
 """Reconstruction speed: per-iteration time of single units and the wall time of a whole run.
 
 Three measurements, each for every loop variant asked for (`eager` is the straightforward loop
-kept as the baseline; `fast` is the default; `+bf16`/`+compile` add autocast / torch.compile):
+kept as the baseline; `fast` is the default; `+bf16`/`+compile` add autocast / torch.compile,
+`+cl` channels-last batches):
 
   (a) one CIFAR ResNet-20 block (`layer2.1`), batch 32;
   (b) torchvision ResNet-18 `layer1.0` and `layer4.1` at 224x224, batch 32 (random weights and
@@ -47,11 +48,13 @@ SHARED = ROOT.parent / "shared"
 
 def parse_variant(text: str) -> LoopOptions:
     loop, *extras = text.split("+")
-    unknown = set(extras) - {"bf16", "fp16", "tf32", "compile"}
+    unknown = set(extras) - {"bf16", "fp16", "tf32", "compile", "cl"}
     if loop not in ("eager", "fast") or unknown:
-        raise SystemExit(f"variant {text!r}: use eager|fast, optionally +bf16, +tf32, +compile")
-    autocast = next((e for e in extras if e != "compile"), "none")
-    return LoopOptions(loop=loop, autocast=autocast, compile="compile" in extras)
+        raise SystemExit(f"variant {text!r}: use eager|fast, optionally +bf16, +tf32, +compile,"
+                         " +cl (channels-last)")
+    autocast = next((e for e in extras if e not in ("compile", "cl")), "none")
+    return LoopOptions(loop=loop, autocast=autocast, compile="compile" in extras,
+                       channels_last="cl" in extras)
 
 
 def sync(device: torch.device) -> None:
@@ -158,7 +161,8 @@ def pipeline_runs(device: torch.device, variants: list[str], iters_w: int, iters
         options = parse_variant(name)
         config = BrecqConfig(weight_bits=4, act_bits=4, iters_w=iters_w, iters_a=iters_a,
                              calib_size=calib_size, device=str(device), recon_loop=options.loop,
-                             autocast=options.autocast, compile=options.compile)
+                             autocast=options.autocast, compile=options.compile,
+                             channels_last=options.channels_last)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()

@@ -219,3 +219,34 @@ def test_save_without_example_input_uses_the_prepared_shape(tmp_path):
     loaded = load_quantized(DemoResNet().eval(), tmp_path / "art")
     with torch.no_grad():
         assert torch.equal(loaded(calib), qmodel(calib))
+
+
+def test_onnx_holds_integer_biases_as_int32_codes_equal_to_pytorch(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import numpy_helper
+
+    from brecq.export import export_onnx
+
+    torch.manual_seed(0)
+    qmodel, _ = quantize(_tiny_model(), torch.randn(16, 3, 8, 8),
+                         BrecqConfig(weight_bits=4, act_bits=8, first_last_bits=None, **TINY))
+    path = export_onnx(qmodel.eval(), tmp_path / "m.onnx", torch.randn(1, 3, 8, 8))
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    dq_by_output = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear"}
+    exported = []
+    for node in graph.node:
+        if node.op_type in ("Conv", "Gemm") and len(node.input) > 2:
+            if node.input[2] in inits:  # the first conv reads the float image: float bias
+                assert inits[node.input[2]].dtype.name == "float32"
+                continue
+            dq = dq_by_output[node.input[2]]
+            codes, step = inits[dq.input[0]], inits[dq.input[1]]
+            assert codes.dtype.name == "int32"
+            exported.append(torch.from_numpy(codes.astype("float32") * step))
+    expected = [layer.bias_quantizer(layer.bias, layer.weight_quantizer).detach()
+                for layer in qmodel.layers.values() if layer.bias_quantizer is not None]
+    assert len(exported) == len(expected) == 2  # the second conv and the linear layer
+    for got, want in zip(exported, expected):
+        assert torch.equal(got, want)

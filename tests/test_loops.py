@@ -59,6 +59,18 @@ def test_fast_loop_matches_the_eager_baseline(resnet_and_data, method):
     assert any(u.iterations > 0 for u in fast_report.units)
 
 
+def test_channels_last_changes_layout_not_results(resnet_and_data):
+    model, calib = resnet_and_data
+    config = BrecqConfig(iters_w=12, iters_a=6, **TINY)
+    plain, plain_report = quantize(model, calib, config)
+    nhwc, nhwc_report = quantize(model, calib, config.replace(channels_last=True))
+    a, b = _params(plain), _params(nhwc)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
+    for up, un in zip(plain_report.units, nhwc_report.units):
+        assert un.loss_after == pytest.approx(up.loss_after, rel=1e-3)
+
+
 def test_bf16_autocast_runs_and_stays_close(resnet_and_data):
     model, calib = resnet_and_data
     config = BrecqConfig(iters_w=20, iters_a=10, **TINY)

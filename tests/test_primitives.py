@@ -123,3 +123,21 @@ def test_lp_error_weights_elements():
     assert P.lp_error(pred, target) == pytest.approx(3.0)  # summed over channels
     weight = torch.zeros_like(pred)
     assert P.lp_error(pred, target, weight=weight) == 0
+
+
+def test_round_bias_lands_on_the_int32_grid_and_passes_gradient():
+    bias = torch.tensor([0.123456, -2.5e-3, 7.0], requires_grad=True)
+    step = torch.tensor([1e-3, 1e-4, 3e-3])
+    rounded = P.round_bias(bias, step)
+    codes = rounded.detach() / step
+    assert torch.allclose(codes, codes.round(), atol=1e-3)
+    assert ((rounded - bias).abs() <= step / 2 + 1e-7).all()
+    assert torch.equal(P.bias_to_int(bias.detach(), step), torch.tensor([123.0, -25.0, 2333.0]))
+    rounded.sum().backward()
+    assert torch.equal(bias.grad, torch.ones(3))
+
+
+def test_bias_codes_saturate_inside_int32():
+    codes = P.bias_to_int(torch.tensor([1e12, -1e12]), torch.tensor(1e-3))
+    assert torch.equal(codes.to(torch.int32).to(torch.float32), codes)  # no overflow on the cast
+    assert codes[0] > 2.1e9 and codes[1] < -2.1e9

@@ -111,3 +111,34 @@ def test_resnet20_reproduces_published_accuracy_and_bn_folding_changes_no_predic
     with torch.no_grad(), folded.quantization(weights=False, acts=False):
         folded_pred = torch.cat([folded(x).argmax(1) for x in images.split(1000)])
     assert torch.equal(folded_pred, fp_pred)
+
+
+def test_integer_bias_puts_biases_of_quantized_inputs_on_the_int32_grid():
+    torch.manual_seed(0)
+    model = cifar_resnet20().eval()
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.bias.data.normal_(0, 0.1)  # folded biases of a trained model are not all zero
+    x = torch.randn(8, 3, 32, 32)
+    config = BrecqConfig(method="rtn", weight_bits=4, act_bits=8, calib_size=8, device="cpu")
+    qmodel, _ = quantize(model, x, config)
+    rounded = {n: layer for n, layer in qmodel.layers.items() if layer.bias_quantizer is not None}
+    # Every layer but the first reads a quantized activation (the first reads the image).
+    assert set(qmodel.layers) - set(rounded) == {"conv1"}
+    for layer in rounded.values():
+        step = layer.bias_quantizer.step(layer.weight_quantizer)
+        bias = layer.bias_quantizer(layer.bias, layer.weight_quantizer)
+        codes = bias / step
+        assert torch.allclose(codes, codes.round(), atol=1e-2)
+        assert ((bias - layer.bias).abs() <= step / 2 * (1 + 1e-5)).all()
+        assert not torch.equal(bias, layer.bias)
+        with qmodel.quantization(weights=True, acts=False):  # no input step: float bias
+            assert torch.equal(layer.bias_quantizer(layer.bias, layer.weight_quantizer), layer.bias)
+    with torch.no_grad():
+        on = qmodel(x)
+    float_bias, _ = quantize(model, x, config.replace(integer_bias=False))
+    assert all(layer.bias_quantizer is None for layer in float_bias.layers.values())
+    with torch.no_grad():
+        off = float_bias(x)
+    # The shift is far below an activation step: outputs move, but only slightly.
+    assert not torch.equal(on, off)
+    assert (on - off).abs().max() < 0.05 * off.abs().max()

@@ -124,6 +124,13 @@ class BrecqConfig:
     act_symmetric: bool = field(
         default=False, metadata=_opt("--a-symmetric", "symmetric activation quantization")
     )
+    integer_bias: bool = field(
+        default=True,
+        metadata=_opt("--integer-bias", "add the bias of each layer that reads a quantized"
+                      " activation on the int32 grid (input step x weight step) that integer"
+                      " kernels use, so that a deployed int8 model (e.g. onnxruntime) computes"
+                      " what the fake-quantized one does"),
+    )
     scale_search: str = field(
         default="lp",
         metadata=_opt("--scale-search", "initial scales: lp (Lp-error clip search) or minmax",
@@ -190,6 +197,12 @@ class BrecqConfig:
         metadata=_opt("--autocast", "reduced precision while reconstructing: none, bf16, fp16,"
                       " or tf32 (CUDA only); changes results slightly", choices=AUTOCASTS),
     )
+    channels_last: bool = field(
+        default=False,
+        metadata=_opt("--channels-last", "reconstruct 4-D activations in channels-last (NHWC)"
+                      " layout: faster convolutions on CPUs with AMX/AVX-512 and on tensor-core"
+                      " GPUs, same math"),
+    )
     early_stop: float = field(
         default=0.0,
         metadata=_opt("--early-stop", "activation step-size passes: stop a unit when its mean"
@@ -220,6 +233,9 @@ class BrecqConfig:
             value = getattr(self, name)
             if value not in allowed:
                 raise ConfigError(f"{name}={value!r} is unknown: choose one of {', '.join(allowed)}")
+        for f in dataclasses.fields(self):
+            if f.type in ("bool", bool) and not isinstance(getattr(self, f.name), bool):
+                raise ConfigError(f"{f.name}={getattr(self, f.name)!r} must be true or false")
         for name in ("iters_w", "iters_a", "act_init_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -15,13 +15,14 @@ same code as PyTorch's round-then-clamp: the QDQ graph reproduces the fake-quant
 of an A4 quantizer (codes 0..15 inside a uint8) element by element. Quantization itself is
 bit-exact (both round half to even and compute x / scale).
 
-Biases stay float, as in the PyTorch model. onnxruntime's QDQ optimizer (from its basic level
-up) rewrites the bias of each Conv between a DequantizeLinear input and a QuantizeLinear output
-as int32 codes at scale in_scale * weight_scale, which its integer kernels (QLinearConv) need:
-that moves each such bias by up to half of that step, and the shift carries some activations
-across a rounding boundary. This rounding, not the integer kernels, is what makes onnxruntime's
-default session differ from PyTorch on a small fraction of images; with graph optimizations
-disabled only convolution accumulation order differs. benchmarks/export_check.py measures both.
+Biases of layers that read a quantized activation are, with `integer_bias` (the default), on
+the int32 grid in_scale * weight_scale in PyTorch already, and are exported as int32 codes
+behind a DequantizeLinear with that step: the form onnxruntime's integer kernels (QLinearConv)
+take as they are. With `integer_bias` off they stay float, and onnxruntime's QDQ optimizer
+(from its basic level up) rounds the bias of each Conv between a DequantizeLinear input and a
+QuantizeLinear output to that grid itself: that moves each such bias by up to half of a step,
+carries some activations across a rounding boundary, and makes onnxruntime's default session
+disagree with PyTorch on about 0.6% of CIFAR-10 images (benchmarks/export_check.py).
 
 The graph is produced by the TorchScript-based exporter (`torch.onnx.export(dynamo=False)`)
 from a copy of the network whose quantizers are replaced by modules that emit the QDQ nodes.
@@ -42,8 +43,9 @@ from torch import Tensor, nn
 
 from ..errors import ModelError
 from ..graph.prepare import QuantizedModel
+from ..quant import primitives as P
 from ..quant.modules import QuantizedWeights
-from ..quant.quantizers import ActQuantizer, WeightQuantizer
+from ..quant.quantizers import ActQuantizer, BiasQuantizer, WeightQuantizer
 from .artifact import _atomic_write
 
 logger = logging.getLogger(__name__)
@@ -123,6 +125,31 @@ class _ActQDQ(nn.Module):
         return _QDQ.apply(x, self.scale, self.zero_point, self.qmin, self.qmax, None, self.clip)
 
 
+class _BiasDQFunction(torch.autograd.Function):
+    """int32 bias codes times their step; exported as one DequantizeLinear."""
+
+    @staticmethod
+    def forward(ctx, codes, step, axis):  # noqa: ANN001, ANN205
+        return codes.to(step.dtype) * step
+
+    @staticmethod
+    def symbolic(g, codes, step, axis):  # noqa: ANN001, ANN205
+        kwargs = {"axis_i": axis} if axis is not None else {}
+        return g.op("DequantizeLinear", codes, step, **kwargs)
+
+
+class _BiasDQ(nn.Module):
+    """Stands in for a BiasQuantizer: the rounded bias as int32 codes and their step."""
+
+    def __init__(self, codes: Tensor, step: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("codes", codes.to(torch.int32))
+        self.register_buffer("step", step.float())
+
+    def forward(self, bias: Tensor, weight_quantizer: nn.Module) -> Tensor:
+        return _BiasDQFunction.apply(self.codes, self.step, 0 if self.step.dim() else None)
+
+
 def _replace_child(parent: nn.Module, child: nn.Module, new: nn.Module) -> None:
     for name, module in parent.named_children():
         if module is child:
@@ -142,6 +169,15 @@ def qdq_network(qmodel: QuantizedModel) -> nn.Module:
         raise ModelError(f"export needs a QuantizedModel, got {type(qmodel).__name__}")
     net = copy.deepcopy(qmodel.network).cpu().eval()
     for owner in [m for m in net.modules() if isinstance(m, QuantizedWeights)]:
+        bias_quantizer = getattr(owner, "bias_quantizer", None)
+        if isinstance(bias_quantizer, BiasQuantizer):
+            # Before the activation quantizers are swapped out: the step reads the input's scale.
+            if not bias_quantizer.active(owner.weight_quantizer):
+                raise ModelError("a layer's input quantizer has no scale yet: export the model "
+                                 "returned by brecq.quantize or load_quantized")
+            step = bias_quantizer.step(owner.weight_quantizer).float()
+            codes = P.bias_to_int(owner.bias.detach().float(), step)
+            owner.bias_quantizer = _BiasDQ(codes, step)
         for _, weight, quantizer in list(owner.weight_quantizers()):
             codes = quantizer.int_weight(weight)
             weight.copy_((codes - quantizer.zero_point) * quantizer.scale)

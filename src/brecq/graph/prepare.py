@@ -230,6 +230,22 @@ def _activation_inputs(node: fx.Node, module: nn.Module) -> list[fx.Node]:
     return [a for a in node.args[:count] if isinstance(a, fx.Node)]
 
 
+def _quantize_biases(gm: fx.GraphModule, layer_nodes: set[fx.Node],
+                     layers: dict[str, QuantizedWeights],
+                     act_quantizers: dict[str, ActQuantizer]) -> None:
+    """Put the bias of each layer that reads a quantized activation on its int32 grid."""
+    sources: dict[str, set[str]] = {}
+    for node in layer_nodes:
+        value = node.args[0] if node.args else None
+        key = value.meta.get("brecq_act_quantizer") if isinstance(value, fx.Node) else None
+        sources.setdefault(node.target, set()).add(key)
+    for name, keys in sources.items():
+        layer = layers[name]
+        # A layer called on several tensors has no single input step: its bias stays float.
+        if isinstance(layer, QuantLayer) and len(keys) == 1 and None not in keys:
+            layer.quantize_bias(act_quantizers[next(iter(keys))])
+
+
 def _build_unit_module(gm: fx.GraphModule, nodes: list[fx.Node], plan: UnitPlan):
     """A GraphModule for nodes[plan.start..plan.end]: external values in, later-used values out."""
     inside = set(nodes[plan.start : plan.end + 1])
@@ -348,6 +364,8 @@ def _prepare_traced(
             producer.replace_all_uses_with(
                 qnode, delete_user_cb=lambda user, q=qnode: user is not q and user.op != "output"
             )
+        if config.integer_bias:
+            _quantize_biases(gm, layer_nodes, layers, act_quantizers)
     gm.graph.lint()
     gm.recompile()
 
@@ -428,6 +446,8 @@ def _prepare_module_tree(
                 config.first_last_bits is not None and name in last) else config.act_bits
             bits = config.act_layer_bits.get(name, bits)
             layer = _InputQuantized(layer, ActQuantizer(bits, symmetric=config.act_symmetric))
+            if config.integer_bias and isinstance(layer.layer, QuantLayer):
+                layer.layer.quantize_bias(layer.input_quantizer)
             act_quantizers[name] = layer.input_quantizer
             layers[name] = layer.layer
         else:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .quantizers import WeightQuantizer
+from .quantizers import ActQuantizer, BiasQuantizer, WeightQuantizer
 
 QUANTIZABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -38,6 +38,12 @@ class QuantLayer(QuantizedWeights):
             raise TypeError(f"cannot quantize {type(layer).__name__}")
         self.layer = layer
         self.weight_quantizer = quantizer
+        self.bias_quantizer: nn.Module | None = None
+
+    def quantize_bias(self, input_quantizer: ActQuantizer) -> None:
+        """Add the bias on the int32 grid of `input_quantizer`'s step x the weight step."""
+        if self.layer.bias is not None:
+            self.bias_quantizer = BiasQuantizer(input_quantizer)
 
     @property
     def weight(self) -> nn.Parameter:
@@ -52,9 +58,12 @@ class QuantLayer(QuantizedWeights):
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.weight_quantizer(self.layer.weight)
+        bias = self.layer.bias
+        if self.bias_quantizer is not None:
+            bias = self.bias_quantizer(bias, self.weight_quantizer)
         if isinstance(self.layer, nn.Linear):
-            return F.linear(x, weight, self.layer.bias)
-        return self.layer._conv_forward(x, weight, self.layer.bias)
+            return F.linear(x, weight, bias)
+        return self.layer._conv_forward(x, weight, bias)
 
 
 class QuantMultiheadAttention(QuantizedWeights):

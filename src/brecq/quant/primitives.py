@@ -46,6 +46,23 @@ def quantize_to_int(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qma
     return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
 
 
+# Largest float32 magnitude below 2^31: bias codes clamped to it convert to int32 without overflow.
+_INT32_LIMIT = 2**31 - 128
+
+
+def bias_to_int(bias: Tensor, step: Tensor) -> Tensor:
+    """int32 codes (as whole floats) of `bias` on the grid `step` = input step x weight step.
+
+    Integer kernels add the bias to their int32 accumulator, whose unit is that product.
+    """
+    return torch.clamp(torch.round(bias / step), -_INT32_LIMIT, _INT32_LIMIT)
+
+
+def round_bias(bias: Tensor, step: Tensor) -> Tensor:
+    """`bias` as an integer kernel adds it: on the int32 grid `step` (gradient passes straight)."""
+    return bias + (bias_to_int(bias.detach(), step) * step - bias).detach()
+
+
 def scale_from_range(
     lo: Tensor, hi: Tensor, qmin: int, qmax: int, symmetric: bool
 ) -> tuple[Tensor, Tensor]:

@@ -177,6 +177,11 @@ class ActQuantizer(nn.Module):
     def set_drop(self, prob: float) -> None:
         self.drop_prob = prob
 
+    @property
+    def ready(self) -> bool:
+        """Whether the step size is initialized (read without a device synchronization)."""
+        return self._ready
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
@@ -215,3 +220,32 @@ def search_sample(flat: Tensor) -> Tensor:
         return flat
     # Keep the true extremes so the largest candidate range still covers the data.
     return torch.cat([flat[::stride], flat.min().reshape(1), flat.max().reshape(1)])
+
+
+class BiasQuantizer(nn.Module):
+    """Puts a layer's bias on the int32 grid that integer kernels accumulate in.
+
+    The grid step is the product of the layer's input step (the `ActQuantizer` that feeds the
+    layer) and its weight step, per output channel. Rounding applies while both quantizers are
+    on, so the fake-quantized layer adds the bias exactly as an int8 kernel (onnxruntime's
+    QLinearConv, TFLite, ...) does. It holds no state of its own: the input quantizer is a plain
+    reference, not a submodule, so that it is not registered (and saved) twice.
+    """
+
+    def __init__(self, input_quantizer: ActQuantizer) -> None:
+        super().__init__()
+        object.__setattr__(self, "input_quantizer", input_quantizer)
+
+    def step(self, weight_quantizer: WeightQuantizer) -> Tensor:
+        """Grid step per output channel (or one value for a per-tensor weight scale)."""
+        step = self.input_quantizer.scale.detach() * weight_quantizer.scale.detach()
+        return step.reshape(-1) if step.numel() > 1 else step.reshape(())
+
+    def active(self, weight_quantizer: WeightQuantizer) -> bool:
+        source = self.input_quantizer
+        return weight_quantizer.enabled and source.enabled and source.ready
+
+    def forward(self, bias: Tensor, weight_quantizer: WeightQuantizer) -> Tensor:
+        if not self.active(weight_quantizer):
+            return bias
+        return P.round_bias(bias, self.step(weight_quantizer).to(bias.dtype))

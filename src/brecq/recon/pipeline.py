@@ -282,7 +282,8 @@ def _reconstruct_pass(
         drop_prob=config.drop_prob if phase == "joint" else 0.0,
     )
     options = LoopOptions(loop=config.recon_loop, autocast=config.autocast,
-                          compile=config.compile, early_stop=config.early_stop)
+                          compile=config.compile, early_stop=config.early_stop,
+                          channels_last=config.channels_last)
     for k, unit in enumerate(qmodel.units):
         if checkpoint.is_done(phase, k):
             continue

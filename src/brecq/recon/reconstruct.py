@@ -72,6 +72,7 @@ class LoopOptions:
     autocast: str = "none"
     compile: bool = False
     early_stop: float = 0.0  # step-size-only passes: stop when a window improves less than this
+    channels_last: bool = False  # 4-D batches in NHWC layout (faster convolutions on some devices)
 
 
 @dataclass(frozen=True)
@@ -103,13 +104,20 @@ def reduced_precision(kind: str, device: torch.device) -> Iterator[None]:
         yield
 
 
+def _nhwc(tensor: Tensor) -> Tensor:
+    """A 4-D batch in channels-last layout (other tensors as they are)."""
+    return tensor.contiguous(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor
+
+
 class UnitObjective:
     """Output error of a unit on cached mini-batches."""
 
-    def __init__(self, unit: nn.Module, cache: ActivationCache, loss_p: float) -> None:
+    def __init__(self, unit: nn.Module, cache: ActivationCache, loss_p: float,
+                 channels_last: bool = False) -> None:
         self.unit = unit
         self.cache = cache
         self.loss_p = loss_p
+        self.channels_last = channels_last
         self.input_keys = cache.keys_with_prefix(Q_IN)
         self.fp_input_keys = cache.keys_with_prefix(FP_IN)
         self.output_keys = cache.keys_with_prefix(FP_OUT)
@@ -143,6 +151,9 @@ class UnitObjective:
             inputs = mixed
         targets = [self.cache.batch(k, index) for k in self.output_keys]
         weights = [self.cache.batch(k, index) for k in self.grad_keys]
+        if self.channels_last:
+            inputs, targets, weights = ([_nhwc(t) for t in group]
+                                        for group in (inputs, targets, weights))
         return inputs, targets, weights
 
     def loss(self, inputs: list[Tensor], targets: list[Tensor], weights: list[Tensor]) -> Tensor:
@@ -244,7 +255,7 @@ def optimize_unit(
     `act_quantizers` get their step sizes learned. Either may be empty. With several ranks
     (`dist`), `cache` holds this rank's shard and every rank ends with the same parameters.
     """
-    objective: Objective = UnitObjective(unit, cache, schedule.loss_p)
+    objective: Objective = UnitObjective(unit, cache, schedule.loss_p, options.channels_last)
     if dist.distributed:
         objective = ShardedObjective(objective, dist)
     before = objective.full_error()
