@@ -129,3 +129,19 @@ def test_step_sizes_that_fit_worse_are_not_kept(resnet_and_data):
     acts = [u for u in report.units if u.phase == "activations" and u.iterations > 0]
     assert acts
     assert all(u.loss_after <= u.loss_before for u in acts)
+
+
+def test_channels_last_cache_hands_out_nhwc_views_of_the_same_values():
+    cache = ActivationCache(torch.device("cpu"), torch.device("cpu"))
+    x, y = torch.randn(10, 3, 4, 5), torch.randn(10, 7)
+    cache.append("a", x)
+    cache.append("b", y)
+    cache.finish()
+    index = torch.tensor([3, 0, 9])
+    cache.use_channels_last()
+    batch = cache.batch("a", index)
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch, x[index]) and torch.equal(cache.batch("b", index), y[index])
+    assert torch.equal(cache.get("a"), x)
+    cache.use_channels_last(False)
+    assert cache.batch("a", index).is_contiguous() and torch.equal(cache.batch("a", index), x[index])

@@ -22,6 +22,9 @@ class ActivationCache:
         self.device_budget_bytes = device_budget_bytes
         self._pending: dict[str, list[Tensor]] = {}
         self._stored: dict[str, Tensor] = {}
+        # Keys of 4-D tensors stored as [N, H, W, C]: a gathered batch of them is a channels-last
+        # [B, C, H, W] view without a copy (index_select does not keep channels-last strides).
+        self._nhwc: set[str] = set()
 
     def _host_for(self, nbytes: int) -> bool:
         """Whether a tensor of `nbytes` goes to host memory instead of the storage device."""
@@ -69,14 +72,29 @@ class ActivationCache:
         return next(iter(self._stored.values())).shape[0] if self._stored else 0
 
     def get(self, key: str) -> Tensor:
-        return self._stored[key]
+        stored = self._stored[key]
+        return stored.permute(0, 3, 1, 2) if key in self._nhwc else stored
 
     def batch(self, key: str, index: Tensor) -> Tensor:
         """Samples `index` of `key` on the compute device."""
         stored = self._stored[key]
         # index_select: a plain gather, several times faster than advanced indexing on CPU.
         picked = stored.index_select(0, index.to(stored.device))
-        return picked.to(self.compute_device, non_blocking=stored.is_pinned())
+        picked = picked.to(self.compute_device, non_blocking=stored.is_pinned())
+        return picked.permute(0, 3, 1, 2) if key in self._nhwc else picked
+
+    def use_channels_last(self, enabled: bool = True) -> None:
+        """Hand out 4-D batches in channels-last layout (stored as NHWC), or in the default one."""
+        for key, stored in self._stored.items():
+            if stored.dim() != 4 or (key in self._nhwc) == enabled:
+                continue
+            order = (0, 2, 3, 1) if enabled else (0, 3, 1, 2)
+            moved = stored.permute(*order).contiguous()
+            self._stored[key] = moved.pin_memory() if stored.is_pinned() else moved
+            if enabled:
+                self._nhwc.add(key)
+            else:
+                self._nhwc.discard(key)
 
     def keys_with_prefix(self, prefix: str) -> list[str]:
         return sorted((k for k in self._stored if k.startswith(prefix)), key=_natural)
@@ -87,6 +105,7 @@ class ActivationCache:
     def clear(self) -> None:
         self._pending.clear()
         self._stored.clear()
+        self._nhwc.clear()
 
 
 def _natural(key: str) -> tuple:

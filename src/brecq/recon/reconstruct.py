@@ -104,11 +104,6 @@ def reduced_precision(kind: str, device: torch.device) -> Iterator[None]:
         yield
 
 
-def _nhwc(tensor: Tensor) -> Tensor:
-    """A 4-D batch in channels-last layout (other tensors as they are)."""
-    return tensor.contiguous(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor
-
-
 class UnitObjective:
     """Output error of a unit on cached mini-batches."""
 
@@ -117,7 +112,7 @@ class UnitObjective:
         self.unit = unit
         self.cache = cache
         self.loss_p = loss_p
-        self.channels_last = channels_last
+        cache.use_channels_last(channels_last)
         self.input_keys = cache.keys_with_prefix(Q_IN)
         self.fp_input_keys = cache.keys_with_prefix(FP_IN)
         self.output_keys = cache.keys_with_prefix(FP_OUT)
@@ -151,9 +146,6 @@ class UnitObjective:
             inputs = mixed
         targets = [self.cache.batch(k, index) for k in self.output_keys]
         weights = [self.cache.batch(k, index) for k in self.grad_keys]
-        if self.channels_last:
-            inputs, targets, weights = ([_nhwc(t) for t in group]
-                                        for group in (inputs, targets, weights))
         return inputs, targets, weights
 
     def loss(self, inputs: list[Tensor], targets: list[Tensor], weights: list[Tensor]) -> Tensor:
