@@ -55,6 +55,7 @@ RUNS: dict[str, tuple[int, str | None]] = {
     "mixed-W3": (3, "3bit"),
     "uniform-W2": (2, None),
     "mixed-W2": (2, "2bit"),
+    "uniform-W4": (4, None),  # the headroom above W3: what a third more weight bits buys
 }
 MODEL = "cifar_resnet20"
 
