@@ -189,3 +189,6 @@ def test_untraceable_model_falls_back_to_module_tree_with_a_warning(caplog):
     with torch.no_grad(), qmodel.quantization(weights=False, acts=False):
         assert torch.allclose(qmodel(calib), model(calib), atol=1e-4)  # BN folded exactly
     assert qmodel.first_layers == ("stem.0",) and qmodel.last_layers == ("head",)
+    # Layers after the stem read quantized inputs there too: their biases go on the int32 grid.
+    rounded = {n for n, layer in qmodel.layers.items() if layer.bias_quantizer is not None}
+    assert rounded == set(qmodel.layers) - {"stem.0"}
