@@ -25,7 +25,8 @@ def test_bits_out_of_range_are_refused_with_the_allowed_range(bits):
 @pytest.mark.parametrize(
     "changes",
     [{"method": "gptq"}, {"granularity": "tile"}, {"loss": "l1"}, {"iters_w": -1},
-     {"batch_size": 0}, {"warmup": 1.0}, {"drop_prob": 1.5}, {"layer_bits": {"fc": 12}}],
+     {"batch_size": 0}, {"warmup": 1.0}, {"drop_prob": 1.5}, {"layer_bits": {"fc": 12}},
+     {"integer_bias": 1}, {"channels_last": "yes"}],
 )
 def test_invalid_values_raise_config_error(changes):
     with pytest.raises(ConfigError):

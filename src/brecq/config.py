@@ -200,8 +200,8 @@ class BrecqConfig:
     channels_last: bool = field(
         default=False,
         metadata=_opt("--channels-last", "reconstruct 4-D activations in channels-last (NHWC)"
-                      " layout: faster convolutions on CPUs with AMX/AVX-512 and on tensor-core"
-                      " GPUs, same math"),
+                      " layout, same math; with --autocast bf16 it sped up a ResNet-20 block"
+                      " 1.26x on an AMX CPU (GPUs not measured)"),
     )
     early_stop: float = field(
         default=0.0,
