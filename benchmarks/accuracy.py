@@ -244,9 +244,14 @@ def run_all(args: argparse.Namespace, out_jsonl: Path) -> None:
                 config = make_config(method, bits, seed, args)
                 log.info("=== %s %s %s seed %d (%s, iters %d/%d)", model_key, method, bits, seed,
                          args.budget, config.iters_w, config.iters_a)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
                 started = time.perf_counter()
                 qmodel, report = quantize(model, calib, config)
                 run_device = torch.device(report.device)
+                if run_device.type == "cuda":
+                    rec["peak_device_mib"] = torch.cuda.max_memory_allocated(run_device) / 2**20
+                    rec["device_name"] = torch.cuda.get_device_name(run_device)
                 res = evaluate(qmodel, data.get(), run_device, batch_size=500, progress=False,
                                desc=f"{method} {bits}")
                 rec.update(

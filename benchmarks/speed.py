@@ -2,7 +2,8 @@
 
 Three measurements, each for every loop variant asked for (`eager` is the straightforward loop
 kept as the baseline; `fast` is the default; `+bf16`/`+compile` add autocast / torch.compile,
-`+cl` channels-last batches):
+`+cl` channels-last batches, `+graph` CUDA graph replay of each step; without it `fast`
+is the fast loop with no graph):
 
   (a) one CIFAR ResNet-20 block (`layer2.1`), batch 32;
   (b) torchvision ResNet-18 `layer1.0` and `layer4.1` at 224x224, batch 32 (random weights and
@@ -11,8 +12,9 @@ kept as the baseline; `fast` is the default; `+bf16`/`+compile` add autocast / t
       losses and, when ../shared holds CIFAR-10 and the pretrained weights, top-1 on val.
 
 Per-iteration time is the AdaRound loop of `optimize_unit` (what 20,000 iterations per unit
-repeat): (time of N iterations - time of the two full-cache error evaluations) / N, median over
-repetitions that alternate between variants so machine load hits them alike. Also prints the
+repeat): (time of N iterations - time of N/5 iterations) / (4N/5), so that what each call pays
+once (error evaluations, set-up, CUDA graph capture) cancels out; median over repetitions that
+alternate between variants so machine load hits them alike. Also prints the
 activation cache each ResNet-50 unit needs for 1,024 images, and peak host / device memory.
 Writes benchmarks/results/speed.json with the device name.
 
@@ -39,7 +41,15 @@ from brecq import BrecqConfig, prepare, quantize
 from brecq.models.cifar_resnet import cifar_resnet20
 from brecq.recon.cache import ActivationCache
 from brecq.recon.pipeline import capture
-from brecq.recon.reconstruct import FP_OUT, Q_IN, LoopOptions, Schedule, UnitObjective, optimize_unit
+from brecq.recon.reconstruct import (
+    FP_OUT,
+    GRAPH_WARMUP_STEPS,
+    Q_IN,
+    LoopOptions,
+    Schedule,
+    UnitObjective,
+    optimize_unit,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -48,13 +58,13 @@ SHARED = ROOT.parent / "shared"
 
 def parse_variant(text: str) -> LoopOptions:
     loop, *extras = text.split("+")
-    unknown = set(extras) - {"bf16", "fp16", "tf32", "compile", "cl"}
+    unknown = set(extras) - {"bf16", "fp16", "tf32", "compile", "cl", "graph"}
     if loop not in ("eager", "fast") or unknown:
         raise SystemExit(f"variant {text!r}: use eager|fast, optionally +bf16, +tf32, +compile,"
-                         " +cl (channels-last)")
-    autocast = next((e for e in extras if e not in ("compile", "cl")), "none")
+                         " +cl (channels-last), +graph (CUDA graph replay)")
+    autocast = next((e for e in extras if e not in ("compile", "cl", "graph")), "none")
     return LoopOptions(loop=loop, autocast=autocast, compile="compile" in extras,
-                       channels_last="cl" in extras)
+                       channels_last="cl" in extras, cuda_graph="graph" in extras)
 
 
 def sync(device: torch.device) -> None:
@@ -86,26 +96,30 @@ def time_unit(model: torch.nn.Module, unit_name: str, calib: torch.Tensor, devic
     flops = step_flops(objective, len(cache), batch)
     times: dict[str, list[float]] = {v: [] for v in variants}
     losses: dict[str, float] = {}
+    # Per-iteration time is the difference of a long and a short run over their iteration
+    # difference: what every run pays once (error evaluations, optimizer set-up, CUDA graph
+    # capture) cancels out.
+    short = max(GRAPH_WARMUP_STEPS + 1, iters // 5)
     with qmodel.quantization(weights=True, acts=False):
         for name in variants:  # warm-up (and compilation) outside the timed repetitions
-            optimize_unit(unit.module, cache, pairs, [], dataclasses.replace(schedule, iters=3),
+            optimize_unit(unit.module, cache, pairs, [],
+                          dataclasses.replace(schedule, iters=GRAPH_WARMUP_STEPS + 2),
                           torch.Generator().manual_seed(0), options=parse_variant(name))
-        sync(device)
-        started = time.perf_counter()
-        objective.full_error()
-        sync(device)
-        evaluation = time.perf_counter() - started
         for _ in range(repeats):
             for name in variants:
-                sync(device)
-                started = time.perf_counter()
-                result = optimize_unit(unit.module, cache, pairs, [], schedule,
-                                       torch.Generator().manual_seed(0),
-                                       options=parse_variant(name))
-                sync(device)
-                loop_seconds = time.perf_counter() - started - 2 * evaluation
-                times[name].append(loop_seconds / iters * 1000)
-                losses[name] = result.loss_after
+                seconds = {}
+                for count in (iters, short):
+                    sync(device)
+                    started = time.perf_counter()
+                    result = optimize_unit(unit.module, cache, pairs, [],
+                                           dataclasses.replace(schedule, iters=count),
+                                           torch.Generator().manual_seed(0),
+                                           options=parse_variant(name))
+                    sync(device)
+                    seconds[count] = time.perf_counter() - started
+                    if count == iters:
+                        losses[name] = result.loss_after
+                times[name].append((seconds[iters] - seconds[short]) / (iters - short) * 1000)
     return [{"unit": unit_name, "variant": name, "batch": batch, "iters": iters,
              "repeats": repeats, "median_ms": statistics.median(times[name]),
              "min_ms": min(times[name]), "loss_after": losses[name],
@@ -162,7 +176,8 @@ def pipeline_runs(device: torch.device, variants: list[str], iters_w: int, iters
         config = BrecqConfig(weight_bits=4, act_bits=4, iters_w=iters_w, iters_a=iters_a,
                              calib_size=calib_size, device=str(device), recon_loop=options.loop,
                              autocast=options.autocast, compile=options.compile,
-                             channels_last=options.channels_last)
+                             channels_last=options.channels_last,
+                             cuda_graph=options.cuda_graph)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
@@ -197,6 +212,37 @@ def resnet50_cache_mib(calib_size: int) -> list[dict]:
     return rows
 
 
+def resnet50_run(device: torch.device, calib_size: int, iters_w: int, iters_a: int,
+                 budget_gb: float | None) -> dict:
+    """A whole ResNet-50 W4A4 run at 224x224 (random weights and images): peak memory.
+
+    The iteration counts are kept small: what is measured is where the activation caches go
+    (at most `budget_gb` on the device, the rest in pinned host memory) and the peak memory that
+    results, not accuracy.
+    """
+    from torchvision.models import resnet50
+
+    # Per-unit progress with the peak GPU memory so far, in case the run is cut short.
+    logging.getLogger("brecq.recon.pipeline").setLevel(logging.INFO)
+    torch.manual_seed(0)
+    model = resnet50().eval()
+    calib = torch.randn(calib_size, 3, 224, 224)
+    config = BrecqConfig(weight_bits=4, act_bits=4, iters_w=iters_w, iters_a=iters_a,
+                         calib_size=calib_size, device=str(device), cache_budget_gb=budget_gb)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    quantize(model, calib, config)
+    sync(device)
+    row = {"calib_size": calib_size, "iters_w": iters_w, "iters_a": iters_a,
+           "cache_budget_gb": budget_gb, "wall_seconds": time.perf_counter() - started,
+           "peak_host_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        row["peak_device_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        row["peak_device_reserved_mib"] = torch.cuda.max_memory_reserved(device) / 2**20
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -211,6 +257,11 @@ def main() -> None:
                         help="weight,activation iterations per unit of the whole-run timing;"
                              " 'skip' to leave it out; the paper budget is 20000,5000")
     parser.add_argument("--calib-size", type=int, default=1024)
+    parser.add_argument("--resnet50-run", default="skip",
+                        help="weight,activation iterations per unit of a whole ResNet-50 W4A4 run"
+                             " at 224x224 that measures peak memory (e.g. 20,10); default skip")
+    parser.add_argument("--cache-budget-gb", type=float, default=4.0,
+                        help="device budget of the activation cache in the ResNet-50 run")
     parser.add_argument("--skip", default="", help="comma-separated parts to leave out:"
                         " resnet20,resnet18,pipeline,resnet50-cache")
     parser.add_argument("--out", type=Path, default=RESULTS / "speed.json")
@@ -277,6 +328,17 @@ def main() -> None:
               f"{largest['cache_mib']:.0f} MiB (inputs + targets, float32); the cache keeps at most"
               " its device budget (--cache-budget-gb) on the GPU and the rest in pinned host memory")
         result["resnet50_cache"] = rows
+
+    if args.resnet50_run != "skip":
+        iters_w, iters_a = (int(v) for v in args.resnet50_run.split(","))
+        row = resnet50_run(device, args.calib_size, iters_w, iters_a, args.cache_budget_gb)
+        peak = (f", peak device {row['peak_device_mib']:.0f} MiB allocated"
+                f" ({row['peak_device_reserved_mib']:.0f} MiB reserved)"
+                if "peak_device_mib" in row else "")
+        print(f"\nResNet-50 W4A4, {args.calib_size} images at 224x224, {iters_w}/{iters_a}"
+              f" iterations per unit, cache budget {args.cache_budget_gb} GiB:"
+              f" {row['wall_seconds']:.1f} s{peak}, peak host RSS {row['peak_host_rss_mib']:.0f} MiB")
+        result["resnet50_run"] = row
 
     result["peak_host_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["load_average_end"] = list(os.getloadavg())

@@ -59,6 +59,25 @@ def test_fast_loop_matches_the_eager_baseline(resnet_and_data, method):
     assert any(u.iterations > 0 for u in fast_report.units)
 
 
+@pytest.mark.parametrize("method", ["brecq", "qdrop"])
+def test_cuda_graph_step_logic_matches_the_fast_loop(resnet_and_data, method, monkeypatch):
+    # The graph loop reads its batch, schedule and learning rate from device-side tables through
+    # a step counter; off CUDA it runs that same step eagerly, so its logic is checked here.
+    from brecq.recon import reconstruct
+
+    model, calib = resnet_and_data
+    config = BrecqConfig(method=method, iters_w=12, iters_a=6, **TINY)
+    fast, fast_report = quantize(model, calib, config)
+    monkeypatch.setattr(reconstruct, "_uses_cuda_graph", lambda objective, options: True)
+    graph, graph_report = quantize(model, calib, config)
+    a, b = _params(fast), _params(graph)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    for uf, ug in zip(fast_report.units, graph_report.units):
+        assert ug.loss_after == pytest.approx(uf.loss_after, rel=1e-4)
+        assert ug.iterations == uf.iterations
+
+
 def test_channels_last_changes_layout_not_results(resnet_and_data):
     model, calib = resnet_and_data
     config = BrecqConfig(iters_w=12, iters_a=6, **TINY)
@@ -145,3 +164,31 @@ def test_channels_last_cache_hands_out_nhwc_views_of_the_same_values():
     assert torch.equal(cache.get("a"), x)
     cache.use_channels_last(False)
     assert cache.batch("a", index).is_contiguous() and torch.equal(cache.batch("a", index), x[index])
+
+
+class _CacheOn:
+    """Stands in for an ActivationCache: only where its tensors live matters here."""
+
+    def __init__(self, compute: str, index: str) -> None:
+        self.compute_device, self.index_device = torch.device(compute), torch.device(index)
+
+    def use_channels_last(self, enabled: bool) -> None:
+        pass
+
+    def keys_with_prefix(self, prefix: str) -> list[str]:
+        return []
+
+
+def test_cuda_graph_is_chosen_only_for_a_cache_wholly_on_the_gpu():
+    # "cuda" (the compute device as configured) and "cuda:0" (where tensors report they are)
+    # name the same GPU; a cache split between GPU and host gathers on the host.
+    from brecq.recon.reconstruct import LoopOptions, UnitObjective, _uses_cuda_graph
+
+    on_gpu = UnitObjective(nn.Identity(), _CacheOn("cuda", "cuda:0"), 2.0)
+    assert _uses_cuda_graph(on_gpu, LoopOptions())
+    assert not _uses_cuda_graph(on_gpu, LoopOptions(cuda_graph=False))
+    assert not _uses_cuda_graph(on_gpu, LoopOptions(loop="eager"))
+    split = UnitObjective(nn.Identity(), _CacheOn("cuda", "cpu"), 2.0)
+    assert not _uses_cuda_graph(split, LoopOptions())
+    on_cpu = UnitObjective(nn.Identity(), _CacheOn("cpu", "cpu"), 2.0)
+    assert not _uses_cuda_graph(on_cpu, LoopOptions())

@@ -203,6 +203,12 @@ class BrecqConfig:
                       " layout, same math; with --autocast bf16 it sped up a ResNet-20 block"
                       " 1.26x on an AMX CPU (GPUs not measured)"),
     )
+    cuda_graph: bool = field(
+        default=True,
+        metadata=_opt("--cuda-graph", "fast loop on CUDA with the unit's cache on the device:"
+                      " capture one reconstruction step as a CUDA graph and replay it (falls back"
+                      " to the plain fast loop if capture fails); no effect elsewhere"),
+    )
     early_stop: float = field(
         default=0.0,
         metadata=_opt("--early-stop", "activation step-size passes: stop a unit when its mean"

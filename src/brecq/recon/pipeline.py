@@ -39,7 +39,7 @@ from .reconstruct import (
 
 logger = logging.getLogger(__name__)
 
-CAPTURE_BATCH = 128
+CAPTURE_BATCH = 64
 
 
 @dataclass
@@ -283,7 +283,7 @@ def _reconstruct_pass(
     )
     options = LoopOptions(loop=config.recon_loop, autocast=config.autocast,
                           compile=config.compile, early_stop=config.early_stop,
-                          channels_last=config.channels_last)
+                          channels_last=config.channels_last, cuda_graph=config.cuda_graph)
     for k, unit in enumerate(qmodel.units):
         if checkpoint.is_done(phase, k):
             continue
@@ -306,9 +306,11 @@ def _reconstruct_pass(
                                  result.iterations)
         report.units.append(unit_report)
         if dist.is_main:
-            logger.info("%s unit %d/%d %s: loss %.5g -> %.5g (%d iterations, %.1fs)", phase,
+            peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
+                    if device.type == "cuda" else "")
+            logger.info("%s unit %d/%d %s: loss %.5g -> %.5g (%d iterations, %.1fs%s)", phase,
                         k + 1, len(qmodel.units), unit.name, result.loss_before,
-                        result.loss_after, result.iterations, unit_report.seconds)
+                        result.loss_after, result.iterations, unit_report.seconds, peak)
         checkpoint.mark_done(phase, k, qmodel, report, generator)
 
 
@@ -387,7 +389,10 @@ def quantize(
     started = time.perf_counter()
     was_training = model.training
     try:
-        qmodel = prepare(model, config, (data[:2],), unit_predicate)
+        # Trace with an example on the model's own device: a model already moved to a GPU
+        # (e.g. after evaluating it there) is quantized as it is.
+        model_device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        qmodel = prepare(model, config, (data[:2].to(model_device),), unit_predicate)
     finally:
         model.train(was_training)
     qmodel.to(device)

@@ -9,8 +9,11 @@ Two loops run the same optimization. `eager` is the straightforward one (one hos
 one Python float per regularizer beta and a fresh optimizer kernel per parameter every step); it
 is kept as the speed baseline. `fast` draws all mini-batch indices of a unit at once, keeps the
 per-step schedule and the loss monitor on the device (one synchronization per 500 steps), uses
-fused Adam, and can run under `torch.compile` (CUDA graphs on CUDA) and reduced-precision
-autocast. Both draw the same samples from the same generator.
+fused Adam, and can run under `torch.compile` and reduced-precision autocast. On CUDA, with the
+unit's cache on the device, the fast loop captures one whole step (batch gather, forward, loss,
+backward, Adam step) as a CUDA graph and replays it: the step's schedule values, the mini-batch
+indices and the learning rate are read on the device from a step counter that the graph itself
+advances, so a replay is one launch. All loops draw the same samples from the same generator.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ class Schedule:
 
 LOOPS = ("fast", "eager")
 AUTOCASTS = ("none", "bf16", "fp16", "tf32")
+# Mini-batch of the full-cache error evaluations: small enough that a 224x224 ResNet-50 unit's
+# forward stays within a few GiB of GPU memory beside its cache.
+EVAL_BATCH = 64
 # Steps between loss checks (finite? converged?): the only host synchronizations of the fast loop.
 CHECK_EVERY = 500
 
@@ -73,6 +79,7 @@ class LoopOptions:
     compile: bool = False
     early_stop: float = 0.0  # step-size-only passes: stop when a window improves less than this
     channels_last: bool = False  # 4-D batches in NHWC layout (faster convolutions on some devices)
+    cuda_graph: bool = True  # fast loop on CUDA: replay each step from a captured CUDA graph
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,9 @@ def reduced_precision(kind: str, device: torch.device) -> Iterator[None]:
     """Autocast to bf16/fp16, or allow TF32 matmuls and convolutions on CUDA; `none` does nothing."""
     if kind in ("bf16", "fp16"):
         dtype = torch.bfloat16 if kind == "bf16" else torch.float16
-        with torch.autocast(device.type, dtype=dtype):
+        # No cast cache: each weight is cast once per step anyway, and a CUDA graph capture
+        # must not keep cached casts from outside the graph.
+        with torch.autocast(device.type, dtype=dtype, cache_enabled=False):
             yield
     elif kind == "tf32":
         saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -160,7 +169,7 @@ class UnitObjective:
         return self.loss(*self.batch(index, drop_prob))
 
     @torch.no_grad()
-    def full_error(self, batch_size: int = 256) -> float:
+    def full_error(self, batch_size: int = EVAL_BATCH) -> float:
         """Mean error over all cached samples (quantization as it is now, no dropping)."""
         count = len(self.cache)
         total = torch.zeros((), device=self.cache.compute_device)
@@ -201,7 +210,7 @@ class ShardedObjective:
             return torch.zeros((), device=self.device, requires_grad=True)
         return self.loss(*batch) * share
 
-    def full_error(self, batch_size: int = 256) -> float:
+    def full_error(self, batch_size: int = EVAL_BATCH) -> float:
         count = self.local.num_samples
         total, seen = self.dist.sum_values([self.local.full_error(batch_size) * count, count])
         return total / seen
@@ -212,22 +221,44 @@ Objective = UnitObjective | ShardedObjective
 
 def _optimizers(
     rounding: list[nn.Parameter], act_quantizers: Sequence[ActQuantizer], schedule: Schedule,
-    fused: bool,
+    fused: bool, graph: bool = False,
 ) -> tuple[list[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler | None]:
+    """Adam for the rounding variables and for the step sizes (cosine-annealed learning rate).
+
+    With `graph` the step-size learning rate is a device tensor that the graph loop sets each
+    step from a precomputed cosine schedule (no host-side scheduler), and on CUDA the optimizers
+    keep their state on the device (`capturable`) so that a CUDA graph can replay their steps.
+    """
     # Fused Adam: one kernel for all parameters instead of several per parameter (where torch
     # has it: CPU and CUDA; elsewhere the default implementation).
     params = [*rounding, *(q.scale for q in act_quantizers)]
     fusable = all(p.device.type in ("cpu", "cuda") for p in params)
-    extra = {"fused": True} if fused and fusable else {}
+    extra: dict = {"fused": True} if fused and fusable else {}
+    if graph and params and params[0].device.type == "cuda":
+        extra["capturable"] = True
     optimizers: list[torch.optim.Optimizer] = []
     if rounding:
         optimizers.append(torch.optim.Adam(rounding, lr=schedule.weight_lr, **extra))
     scheduler = None
     if act_quantizers:
-        act_opt = torch.optim.Adam([q.scale for q in act_quantizers], lr=schedule.act_lr, **extra)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(act_opt, T_max=schedule.iters)
-        optimizers.append(act_opt)
+        scales = [q.scale for q in act_quantizers]
+        if graph:
+            lr = torch.tensor(schedule.act_lr, device=scales[0].device)
+            optimizers.append(torch.optim.Adam(scales, lr=lr, **extra))
+        else:
+            act_opt = torch.optim.Adam(scales, lr=schedule.act_lr, **extra)
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(act_opt, T_max=schedule.iters)
+            optimizers.append(act_opt)
     return optimizers, scheduler
+
+
+def _uses_cuda_graph(objective: Objective, options: LoopOptions) -> bool:
+    """Whether the fast loop can replay captured steps: CUDA, one process, cache on the device."""
+    # The cache's index device is the GPU only when every cached tensor is on it (a split cache
+    # gathers on the host, which a graph cannot capture). Compare types: "cuda" != "cuda:0".
+    return (options.loop == "fast" and options.cuda_graph and not options.compile
+            and isinstance(objective, UnitObjective) and objective.device.type == "cuda"
+            and objective.index_device.type == "cuda")
 
 
 def optimize_unit(
@@ -256,12 +287,13 @@ def optimize_unit(
 
     initial_scales = [q.scale.detach().clone() for q in act_quantizers]
     rounding = [q.begin_adaround(w) for q, w in weight_quantizers]
+    graph = _uses_cuda_graph(objective, options)
     optimizers, scheduler = _optimizers(rounding, act_quantizers, schedule,
-                                        fused=options.loop == "fast")
+                                        fused=options.loop == "fast", graph=graph)
     wqs = [q for q, _ in weight_quantizers]
     bar = tqdm(range(schedule.iters), desc=description, leave=False, dynamic_ncols=True,
                mininterval=1.0, disable=None if dist.is_main else True)
-    run = _fast_loop if options.loop == "fast" else _eager_loop
+    run = _graph_loop if graph else _fast_loop if options.loop == "fast" else _eager_loop
     loop = _Loop(wqs, act_quantizers, optimizers, scheduler, schedule, options, dist, description)
     with state.soft_rounding(wqs), state.dropping(act_quantizers, schedule.drop_prob):
         iterations = run(objective, loop, generator, bar)
@@ -335,7 +367,9 @@ def _eager_loop(objective: Objective, loop: _Loop, generator: torch.Generator, b
     return schedule.iters
 
 
-def _fast_loop(objective: Objective, loop: _Loop, generator: torch.Generator, bar: tqdm) -> int:
+def _step_tensors(objective: Objective, loop: _Loop,
+                  generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Mini-batch indices [iters, batch], regularizer beta and weight [iters] of every step."""
     schedule, wqs, device = loop.schedule, loop.wqs, objective.device
     count = objective.num_samples
     # One draw for the whole unit: the same samples the eager loop draws step by step, without a
@@ -351,8 +385,40 @@ def _fast_loop(objective: Objective, loop: _Loop, generator: torch.Generator, ba
         betas.append(schedule.beta_start if beta is None else beta)
         off = beta is None or not wqs or not loop.dist.is_main
         lambdas.append(0.0 if off else schedule.round_lambda)
-    betas_t = torch.tensor(betas, device=device)
-    lambdas_t = torch.tensor(lambdas, device=device)
+    return indices, torch.tensor(betas, device=device), torch.tensor(lambdas, device=device)
+
+
+class _LossMonitor:
+    """Sums the loss on the device and checks its mean every CHECK_EVERY steps (finite? converged?).
+
+    These checks are the only host synchronizations of the fast and graph loops.
+    """
+
+    def __init__(self, loop: _Loop, bar: tqdm, device: torch.device) -> None:
+        self.loop, self.bar = loop, bar
+        self.window = torch.zeros((), device=device)
+        self.previous: float | None = None
+        # Annealed rounding must run to its end; only step-size passes may stop early.
+        self.early_stop = loop.options.early_stop if not loop.wqs else 0.0
+
+    def converged(self, done: int) -> bool:
+        """After `done` steps: check the window if it is full (or the pass ends); stop now?"""
+        iters = self.loop.schedule.iters
+        if done % CHECK_EVERY and done != iters:
+            return False
+        steps_in_window = done % CHECK_EVERY or CHECK_EVERY
+        value = self.loop.check(float(self.window) / steps_in_window, done - 1, self.bar)
+        self.window.zero_()
+        previous, self.previous = self.previous, value
+        if self.early_stop > 0 and previous is not None and previous - value < self.early_stop * previous:
+            logger.debug("%s: converged after %d iterations", self.loop.description, done)
+            return True
+        return False
+
+
+def _fast_loop(objective: Objective, loop: _Loop, generator: torch.Generator, bar: tqdm) -> int:
+    schedule, wqs, device = loop.schedule, loop.wqs, objective.device
+    indices, betas_t, lambdas_t = _step_tensors(objective, loop, generator)
 
     def step_loss(batch: tuple, share: float, beta: Tensor, lam: Tensor) -> Tensor:
         if batch is None:  # another rank holds every sample of this step
@@ -367,10 +433,7 @@ def _fast_loop(objective: Objective, loop: _Loop, generator: torch.Generator, ba
     if loop.options.compile:
         step_loss = _compiled(step_loss, device, objective.local_batch(indices[0]), betas_t[0],
                               lambdas_t[0], loop.optimizers)
-    window = torch.zeros((), device=device)
-    previous: float | None = None
-    # Annealed rounding must run to its end; only step-size passes may stop early.
-    early_stop = loop.options.early_stop if not wqs else 0.0
+    monitor = _LossMonitor(loop, bar, device)
     for step in bar:
         loss = step_loss(*objective.local_batch(indices[step], schedule.drop_prob),
                          betas_t[step], lambdas_t[step])
@@ -378,17 +441,112 @@ def _fast_loop(objective: Objective, loop: _Loop, generator: torch.Generator, ba
             loop.step(loss)
         else:  # nothing to differentiate on this rank: it still joins the gradient sum
             loop.step(torch.zeros((), device=device, requires_grad=True))
-        window += loss.detach()
-        done = step + 1
-        if done % CHECK_EVERY == 0 or done == schedule.iters:
-            steps_in_window = CHECK_EVERY if done % CHECK_EVERY == 0 else done % CHECK_EVERY
-            value = loop.check(float(window) / steps_in_window, step, bar)
-            window.zero_()
-            if early_stop > 0 and previous is not None and previous - value < early_stop * previous:
-                logger.debug("%s: converged after %d iterations", loop.description, done)
-                return done
-            previous = value
+        monitor.window += loss.detach()
+        if monitor.converged(step + 1):
+            return step + 1
     return schedule.iters
+
+
+# Steps run eagerly (on a side stream on CUDA) before capture: they initialize the optimizer state
+# and cuDNN/cuBLAS workspaces, which a capture must not do.
+GRAPH_WARMUP_STEPS = 3
+
+
+def _graph_loop(objective: UnitObjective, loop: _Loop, generator: torch.Generator, bar: tqdm,
+                capture: bool | None = None) -> int:
+    """The fast loop's steps, replayed from one captured CUDA graph after a short warm-up.
+
+    Everything a step reads changes on the device: a step counter (advanced inside the graph)
+    selects the mini-batch indices, beta, the regularizer weight and the cosine-annealed
+    step-size learning rate from per-step tables. With `capture=False` (the default off CUDA) the
+    same step runs eagerly each time, which is how its logic is tested without a GPU.
+    """
+    schedule, wqs, device = loop.schedule, loop.wqs, objective.device
+    capture = device.type == "cuda" if capture is None else capture
+    indices, betas_t, lambdas_t = _step_tensors(objective, loop, generator)
+    counter = torch.zeros(1, dtype=torch.long, device=device)
+    act_lr: Tensor | None = None
+    act_lrs: Tensor | None = None
+    if loop.act_quantizers:
+        act_lr = loop.optimizers[-1].param_groups[0]["lr"]
+        assert isinstance(act_lr, Tensor), "graph loop needs a tensor step-size learning rate"
+        # CosineAnnealingLR's schedule (eta_min 0) in closed form: the rate of step k.
+        steps = torch.arange(schedule.iters, dtype=torch.float64)
+        act_lrs = (schedule.act_lr * (1 + torch.cos(math.pi * steps / schedule.iters)) / 2).to(
+            device=device, dtype=act_lr.dtype)
+    monitor = _LossMonitor(loop, bar, device)
+    window = monitor.window
+    scales = [q.scale for q in loop.act_quantizers]
+
+    def step() -> None:
+        index = indices.index_select(0, counter.to(indices.device)).squeeze(0)
+        beta = betas_t.index_select(0, counter).squeeze(0)
+        lam = lambdas_t.index_select(0, counter).squeeze(0)
+        with reduced_precision(loop.options.autocast, device):
+            loss = objective.error(index, schedule.drop_prob)
+        if wqs:
+            loss = loss + lam * sum(q.regularizer(beta) for q in wqs)
+        loss.backward()
+        if act_lr is not None and act_lrs is not None:
+            act_lr.copy_(act_lrs.index_select(0, counter).squeeze(0))
+        for opt in loop.optimizers:
+            opt.step()
+        if scales:
+            with torch.no_grad():
+                torch._foreach_clamp_min_(scales, 1e-8)
+        window.add_(loss.detach())
+        counter.add_(1)
+
+    def zero_grad() -> None:
+        for opt in loop.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    replay: Callable[[], None] | None = None
+    warmup = min(GRAPH_WARMUP_STEPS, schedule.iters) if capture else schedule.iters
+    for done in range(1, schedule.iters + 1):
+        if replay is not None:
+            replay()
+        elif done <= warmup or not capture:
+            zero_grad()
+            if capture:
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    step()
+                torch.cuda.current_stream(device).wait_stream(side)
+            else:
+                step()
+        else:
+            replay = _capture_step(step, zero_grad, device, loop.description)
+            if replay is None:  # capture failed: this and the remaining steps run eagerly
+                capture, replay = False, None
+                zero_grad()
+                step()
+            else:
+                replay()
+        bar.update(1)
+        if monitor.converged(done):
+            return done
+    return schedule.iters
+
+
+def _capture_step(step: Callable[[], None], zero_grad: Callable[[], None], device: torch.device,
+                  description: str) -> Callable[[], None] | None:
+    """`step` captured as a CUDA graph (its replay), or None if it cannot be captured."""
+    graph = torch.cuda.CUDAGraph()
+    # Gradients are created inside the capture, in the graph's memory pool: every replay then
+    # overwrites them rather than adding to the previous step's.
+    zero_grad()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly
+        logger.warning("%s: CUDA graph capture failed (%s: %s); reconstructing eagerly",
+                       description, type(exc).__name__,
+                       str(exc).splitlines()[0] if str(exc) else "")
+        torch.cuda.synchronize(device)
+        return None
+    return graph.replay
 
 
 def _compiled(

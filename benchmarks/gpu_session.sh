@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The prepared run for a lent GPU (one call, at most about 8 minutes): per-iteration speed of the
+# reconstruction loops (issue 5), the paper-budget ResNet-20 runs (issue 4) with their wall time
+# and peak memory, and the peak GPU memory of a 1,024-image ResNet-50 run with a 4 GiB cache
+# budget (issue 5). Each part has its own time limit, so a slow part cannot take the others'
+# results with it. Writes logs and JSON to $OUT (default /tmp/brecq_gpu).
+#
+#   bash benchmarks/gpu_session.sh             # on the GPU machine, from the repository root
+#   DEVICE=cpu SMALL=1 bash benchmarks/gpu_session.sh   # a quick dry run of the same steps
+#
+# Data: ../shared as on the development machines; where it is absent and
+# .gpu_carry/shared.tar.gz exists (a packed copy of CIFAR-10 and resnet20.pt), it is unpacked there.
+set -u
+OUT=${OUT:-/tmp/brecq_gpu}
+DEVICE=${DEVICE:-cuda}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+started=$(date +%s)
+elapsed() { echo "[$(( $(date +%s) - started )) s] $*"; }
+
+if [ ! -d ../shared/data/cifar10 ] && [ -f .gpu_carry/shared.tar.gz ]; then
+    mkdir -p ../shared && tar -C ../shared -xzf .gpu_carry/shared.tar.gz
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>/dev/null
+$PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__,
+      torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
+
+if [ "${SMALL:-0}" = 1 ]; then
+    SPEED_ARGS="--iters 5 --repeats 1 --resnet18-iters 2"; PAPER_ARGS="--iters-w 20 --iters-a 10 --eval-size 500"
+    R50="2,1"; R50_CALIB=16
+else
+    SPEED_ARGS="--iters 250 --repeats 3"; PAPER_ARGS=""; R50="20,10"; R50_CALIB=1024
+fi
+
+elapsed "1. per-iteration speed"
+timeout 120 $PY benchmarks/speed.py --device "$DEVICE" \
+    --variants eager,fast,fast+graph,fast+graph+bf16 $SPEED_ARGS \
+    --pipeline-iters skip --skip resnet50-cache --out "$OUT/speed_gpu.json" 2>&1 \
+    | grep -v "it/s\]" | tee "$OUT/speed_gpu.log"
+
+elapsed "2. paper budget ResNet-20 BRECQ W4A4 (alone: its wall time is the full-run figure)"
+timeout 200 $PY benchmarks/accuracy.py --models resnet20 --methods brecq-block --bits W4A4 \
+    --seeds 0 --budget paper --device "$DEVICE" $PAPER_ARGS --name accuracy_paper_gpu \
+    --results-dir "$OUT" --no-report > "$OUT/paper_W4A4.log" 2>&1
+tail -n 4 "$OUT/paper_W4A4.log"
+
+elapsed "3. paper budget W2A4, with the ResNet-50 memory run beside it"
+timeout 180 $PY benchmarks/accuracy.py --models resnet20 --methods brecq-block --bits W2A4 \
+    --seeds 0 --budget paper --device "$DEVICE" $PAPER_ARGS --name accuracy_paper_gpu \
+    --results-dir "$OUT" --no-report > "$OUT/paper_W2A4.log" 2>&1 &
+timeout 180 $PY benchmarks/speed.py --device "$DEVICE" --skip resnet20,resnet18,resnet50-cache \
+    --pipeline-iters skip --resnet50-run "$R50" --calib-size "$R50_CALIB" --cache-budget-gb 4 \
+    --out "$OUT/resnet50_memory.json" > "$OUT/resnet50_memory.log" 2>&1
+wait
+tail -n 4 "$OUT/paper_W2A4.log"
+grep -A1 "ResNet-50 W4A4" "$OUT/resnet50_memory.log" || tail -n 5 "$OUT/resnet50_memory.log"
+cat "$OUT"/accuracy_paper_gpu.jsonl 2>/dev/null
+elapsed "done"
