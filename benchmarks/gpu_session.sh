@@ -7,6 +7,11 @@
 #
 #   bash benchmarks/gpu_session.sh             # on the GPU machine, from the repository root
 #   DEVICE=cpu SMALL=1 bash benchmarks/gpu_session.sh   # a quick dry run of the same steps
+#   PARTS=resnet18 bash benchmarks/gpu_session.sh       # only the timed ResNet-18 W2A4 full run
+#
+# PARTS (default "speed paper memory") picks among: speed, paper, memory (beside paper W2A4),
+# resnet18 (a whole ResNet-18 W2A4 run at 224x224, 20,000/5,000 iterations per unit, about
+# 5 minutes on an H200 by the per-iteration figures).
 #
 # Data: ../shared as on the development machines; where it is absent and
 # .gpu_carry/shared.tar.gz exists (a packed copy of CIFAR-10 and resnet20.pt), it is unpacked there.
@@ -28,32 +33,50 @@ $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torc
 
 if [ "${SMALL:-0}" = 1 ]; then
     SPEED_ARGS="--iters 5 --repeats 1 --resnet18-iters 2"; PAPER_ARGS="--iters-w 20 --iters-a 10 --eval-size 500"
-    R50="2,1"; R50_CALIB=16
+    R50="2,1"; R18="2,1"; R50_CALIB=16
 else
-    SPEED_ARGS="--iters 250 --repeats 3"; PAPER_ARGS=""; R50="20,10"; R50_CALIB=1024
+    SPEED_ARGS="--iters 250 --repeats 3"; PAPER_ARGS=""; R50="20,10"; R18="20000,5000"; R50_CALIB=1024
 fi
 
+PARTS=" ${PARTS:-speed paper memory} "
+has() { [[ "$PARTS" == *" $1 "* ]]; }
+
+if has speed; then
 elapsed "1. per-iteration speed"
 timeout 120 $PY benchmarks/speed.py --device "$DEVICE" \
     --variants eager,fast,fast+graph,fast+graph+bf16 $SPEED_ARGS \
     --pipeline-iters skip --skip resnet50-cache --out "$OUT/speed_gpu.json" 2>&1 \
     | grep -v "it/s\]" | tee "$OUT/speed_gpu.log"
+fi
 
+if has paper; then
 elapsed "2. paper budget ResNet-20 BRECQ W4A4 (alone: its wall time is the full-run figure)"
 timeout 200 $PY benchmarks/accuracy.py --models resnet20 --methods brecq-block --bits W4A4 \
     --seeds 0 --budget paper --device "$DEVICE" $PAPER_ARGS --name accuracy_paper_gpu \
     --results-dir "$OUT" --no-report > "$OUT/paper_W4A4.log" 2>&1
 tail -n 4 "$OUT/paper_W4A4.log"
+fi
 
-elapsed "3. paper budget W2A4, with the ResNet-50 memory run beside it"
+if has paper; then
+elapsed "3. paper budget W2A4"
 timeout 180 $PY benchmarks/accuracy.py --models resnet20 --methods brecq-block --bits W2A4 \
     --seeds 0 --budget paper --device "$DEVICE" $PAPER_ARGS --name accuracy_paper_gpu \
     --results-dir "$OUT" --no-report > "$OUT/paper_W2A4.log" 2>&1 &
+fi
+if has memory; then
+elapsed "3b. ResNet-50 W4A4 peak memory, 1,024 images, 4 GiB cache budget"
 timeout 180 $PY benchmarks/speed.py --device "$DEVICE" --skip resnet20,resnet18,resnet50-cache \
-    --pipeline-iters skip --resnet50-run "$R50" --calib-size "$R50_CALIB" --cache-budget-gb 4 \
-    --out "$OUT/resnet50_memory.json" > "$OUT/resnet50_memory.log" 2>&1
+    --pipeline-iters skip --whole-run "resnet50:W4A4:$R50" --calib-size "$R50_CALIB" \
+    --cache-budget-gb 4 --out "$OUT/resnet50_memory.json" > "$OUT/resnet50_memory.log" 2>&1
+grep -A1 "resnet50 W4A4" "$OUT/resnet50_memory.log" || tail -n 5 "$OUT/resnet50_memory.log"
+fi
 wait
-tail -n 4 "$OUT/paper_W2A4.log"
-grep -A1 "ResNet-50 W4A4" "$OUT/resnet50_memory.log" || tail -n 5 "$OUT/resnet50_memory.log"
-cat "$OUT"/accuracy_paper_gpu.jsonl 2>/dev/null
+if has paper; then tail -n 4 "$OUT/paper_W2A4.log"; cat "$OUT"/accuracy_paper_gpu.jsonl; fi
+
+if has resnet18; then
+elapsed "4. whole ResNet-18 W2A4 run at 224x224 (random weights), 20,000/5,000 iterations"
+timeout 560 $PY benchmarks/speed.py --device "$DEVICE" --skip resnet20,resnet18,resnet50-cache \
+    --pipeline-iters skip --whole-run "resnet18:W2A4:$R18" --calib-size "$R50_CALIB" \
+    --out "$OUT/resnet18_run.json" 2>&1 | grep -v "it/s\]" | tee "$OUT/resnet18_run.log"
+fi
 elapsed "done"

@@ -212,30 +212,32 @@ def resnet50_cache_mib(calib_size: int) -> list[dict]:
     return rows
 
 
-def resnet50_run(device: torch.device, calib_size: int, iters_w: int, iters_a: int,
-                 budget_gb: float | None) -> dict:
-    """A whole ResNet-50 W4A4 run at 224x224 (random weights and images): peak memory.
+def torchvision_run(device: torch.device, arch: str, bits: str, calib_size: int, iters_w: int,
+                    iters_a: int, budget_gb: float | None) -> dict:
+    """A whole BRECQ run of a torchvision model at 224x224 (random weights and images).
 
-    The iteration counts are kept small: what is measured is where the activation caches go
-    (at most `budget_gb` on the device, the rest in pinned host memory) and the peak memory that
-    results, not accuracy.
+    Random weights: what is measured is the wall time of the whole run and where the activation
+    caches go (at most `budget_gb` on the device, the rest in pinned host memory), with the peak
+    memory that results; not accuracy.
     """
-    from torchvision.models import resnet50
+    import torchvision.models
 
+    w_bits, a_bits = (int(v) for v in bits.upper().lstrip("W").split("A"))
     # Per-unit progress with the peak GPU memory so far, in case the run is cut short.
     logging.getLogger("brecq.recon.pipeline").setLevel(logging.INFO)
     torch.manual_seed(0)
-    model = resnet50().eval()
+    model = getattr(torchvision.models, arch)().eval()
     calib = torch.randn(calib_size, 3, 224, 224)
-    config = BrecqConfig(weight_bits=4, act_bits=4, iters_w=iters_w, iters_a=iters_a,
+    config = BrecqConfig(weight_bits=w_bits, act_bits=a_bits, iters_w=iters_w, iters_a=iters_a,
                          calib_size=calib_size, device=str(device), cache_budget_gb=budget_gb)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     quantize(model, calib, config)
     sync(device)
-    row = {"calib_size": calib_size, "iters_w": iters_w, "iters_a": iters_a,
-           "cache_budget_gb": budget_gb, "wall_seconds": time.perf_counter() - started,
+    row = {"model": arch, "bits": bits, "calib_size": calib_size, "iters_w": iters_w,
+           "iters_a": iters_a, "cache_budget_gb": budget_gb,
+           "wall_seconds": time.perf_counter() - started,
            "peak_host_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if device.type == "cuda":
         row["peak_device_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -257,11 +259,12 @@ def main() -> None:
                         help="weight,activation iterations per unit of the whole-run timing;"
                              " 'skip' to leave it out; the paper budget is 20000,5000")
     parser.add_argument("--calib-size", type=int, default=1024)
-    parser.add_argument("--resnet50-run", default="skip",
-                        help="weight,activation iterations per unit of a whole ResNet-50 W4A4 run"
-                             " at 224x224 that measures peak memory (e.g. 20,10); default skip")
+    parser.add_argument("--whole-run", default="skip", metavar="ARCH:BITS:W,A",
+                        help="a whole run of a torchvision model at 224x224 with random weights"
+                             " (wall time, peak memory), e.g. resnet50:W4A4:20,10 or"
+                             " resnet18:W2A4:20000,5000; default skip")
     parser.add_argument("--cache-budget-gb", type=float, default=4.0,
-                        help="device budget of the activation cache in the ResNet-50 run")
+                        help="device budget of the activation cache in the --whole-run")
     parser.add_argument("--skip", default="", help="comma-separated parts to leave out:"
                         " resnet20,resnet18,pipeline,resnet50-cache")
     parser.add_argument("--out", type=Path, default=RESULTS / "speed.json")
@@ -329,16 +332,18 @@ def main() -> None:
               " its device budget (--cache-budget-gb) on the GPU and the rest in pinned host memory")
         result["resnet50_cache"] = rows
 
-    if args.resnet50_run != "skip":
-        iters_w, iters_a = (int(v) for v in args.resnet50_run.split(","))
-        row = resnet50_run(device, args.calib_size, iters_w, iters_a, args.cache_budget_gb)
+    if args.whole_run != "skip":
+        arch, bits, iters = args.whole_run.split(":")
+        iters_w, iters_a = (int(v) for v in iters.split(","))
+        row = torchvision_run(device, arch, bits, args.calib_size, iters_w, iters_a,
+                              args.cache_budget_gb)
         peak = (f", peak device {row['peak_device_mib']:.0f} MiB allocated"
                 f" ({row['peak_device_reserved_mib']:.0f} MiB reserved)"
                 if "peak_device_mib" in row else "")
-        print(f"\nResNet-50 W4A4, {args.calib_size} images at 224x224, {iters_w}/{iters_a}"
+        print(f"\n{arch} {bits}, {args.calib_size} images at 224x224, {iters_w}/{iters_a}"
               f" iterations per unit, cache budget {args.cache_budget_gb} GiB:"
               f" {row['wall_seconds']:.1f} s{peak}, peak host RSS {row['peak_host_rss_mib']:.0f} MiB")
-        result["resnet50_run"] = row
+        result["whole_run"] = row
 
     result["peak_host_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["load_average_end"] = list(os.getloadavg())
