@@ -302,8 +302,9 @@ def main() -> None:
                 model, unit, calib, device, variants, iters, max(2, args.repeats // 2), 32)]
     baseline = {(r["model"], r["unit"]): r["median_ms"] for r in unit_rows
                 if r["variant"] == "eager"}
-    print(f"\n{'model':<16}{'unit':<10}{'variant':<18}{'median ms/it':>13}{'min':>9}"
-          f"{'vs eager':>10}{'GFLOP/s':>9}{'loss after':>12}")
+    if unit_rows:
+        print(f"\n{'model':<16}{'unit':<10}{'variant':<18}{'median ms/it':>13}{'min':>9}"
+              f"{'vs eager':>10}{'GFLOP/s':>9}{'loss after':>12}")
     for r in unit_rows:
         base = baseline.get((r["model"], r["unit"]))
         r["speedup_vs_eager"] = base / r["median_ms"] if base else None
