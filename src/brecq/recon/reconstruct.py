@@ -519,7 +519,7 @@ def _graph_loop(objective: UnitObjective, loop: _Loop, generator: torch.Generato
         else:
             replay = _capture_step(step, zero_grad, device, loop.description)
             if replay is None:  # capture failed: this and the remaining steps run eagerly
-                capture, replay = False, None
+                capture = False
                 zero_grad()
                 step()
             else:
