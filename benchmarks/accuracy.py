@@ -196,7 +196,8 @@ def make_config(method: str, bits: str, seed: int, args: argparse.Namespace) -> 
     wb, ab = parse_bits(bits)
     return BrecqConfig(
         weight_bits=wb, act_bits=ab, seed=seed, device=args.device, calib_size=args.calib_size,
-        iters_w=args.iters_w, iters_a=args.iters_a, act_lr=args.act_lr, **METHODS[method],
+        iters_w=args.iters_w, iters_a=args.iters_a, act_lr=args.act_lr,
+        fisher_floor=args.fisher_floor, **METHODS[method],
     )
 
 
@@ -440,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the budget's activation iterations")
     p.add_argument("--act-lr", type=float, default=None,
                    help="activation step-size learning rate (default: the method's)")
+    p.add_argument("--fisher-floor", type=float, default=0.0,
+                   help="BrecqConfig.fisher_floor for the Fisher-loss method (0: pure squared"
+                        " gradient)")
     p.add_argument("--calib-size", type=int, default=1024, help="calibration images from train")
     p.add_argument("--eval-size", type=int, default=None,
                    help="evaluate on only the first N images (quick checks; default: all)")

@@ -142,3 +142,32 @@ def test_integer_bias_puts_biases_of_quantized_inputs_on_the_int32_grid():
     # The shift is far below an activation step: outputs move, but only slightly.
     assert not torch.equal(on, off)
     assert (on - off).abs().max() < 0.05 * off.abs().max()
+
+
+@pytest.mark.parametrize("floor", [0.0, 1.0])
+def test_fisher_weights_have_mean_one_and_a_floor_keeps_every_element(mnist, floor):
+    from brecq.recon.cache import ActivationCache
+    from brecq.recon.pipeline import capture_fisher, float_logits
+    from brecq.recon.reconstruct import GRAD
+
+    model, calib, _ = mnist
+    data = calib[:64]
+    config = BrecqConfig(weight_bits=2, act_bits=4, loss="fisher", fisher_floor=floor, **FAST)
+    qmodel = prepare(model, config, (data[:2],))
+    cpu = torch.device("cpu")
+    cache = ActivationCache(cpu, cpu)
+    capture_fisher(qmodel, qmodel.units[1], data, float_logits(qmodel, data, cpu), cpu, cache,
+                   acts=False, floor=floor)
+    weights = cache.get(f"{GRAD}0")
+    assert weights.mean().item() == pytest.approx(1.0, rel=1e-4)
+    # The pure squared gradient leaves most elements with almost no weight; the floor does not.
+    assert weights.min().item() >= floor / (1 + floor) - 1e-6
+    if floor == 0:
+        assert (weights < 0.1).float().mean() > 0.3
+
+
+def test_negative_fisher_floor_is_refused():
+    from brecq import ConfigError
+
+    with pytest.raises(ConfigError, match="fisher_floor"):
+        BrecqConfig(loss="fisher", fisher_floor=-1.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,12 @@ class BrecqConfig:
         default="mse",
         metadata=_opt("--loss", "mse, or fisher (output error weighted by squared KL gradient)",
                       choices=LOSSES),
+    )
+    fisher_floor: float = field(
+        default=0.0,
+        metadata=_opt("--fisher-floor", "with --loss fisher: each output element's weight is"
+                      " (g^2 / mean g^2 + floor) / (1 + floor), g its KL gradient; a floor > 0"
+                      " keeps every element in the loss (0: pure squared gradient)"),
     )
     iters_w: int = field(
         default=20000, metadata=_opt("--iters-w", "AdaRound iterations per unit")
@@ -259,6 +266,9 @@ class BrecqConfig:
             raise ConfigError(f"act_lr={self.act_lr!r} must be a positive number (or None)")
         if self.cache_budget_gb is not None and not self.cache_budget_gb >= 0:
             raise ConfigError(f"cache_budget_gb={self.cache_budget_gb!r} must be >= 0 (or None)")
+        if not (self.fisher_floor >= 0 and math.isfinite(self.fisher_floor)):
+            raise ConfigError(f"fisher_floor={self.fisher_floor!r} must be a finite number >= 0:"
+                              " use e.g. 1.0, or 0 for the pure squared gradient")
         if not 0 <= self.early_stop < 1:
             raise ConfigError(f"early_stop={self.early_stop!r} must be in [0, 1): a fraction of"
                               " the loss, 0 turns early stopping off")

@@ -204,9 +204,13 @@ def float_logits(qmodel: QuantizedModel, data: Tensor, device: torch.device) -> 
 def capture_fisher(
     qmodel: QuantizedModel, unit: Unit, data: Tensor, fp_logits: Tensor, device: torch.device,
     cache: ActivationCache, *, acts: bool, dist: DistContext = SINGLE_PROCESS,
+    floor: float = 0.0,
 ) -> None:
     """Squared gradient of KL(float || quantized network) at the unit output, mean-normalized
-    (by the mean over all ranks' samples).
+    (by the mean over all ranks' samples), plus `floor`, over 1 + `floor` (mean weight 1).
+
+    The pure squared gradient is heavy-tailed: most output elements get almost no weight. A
+    floor keeps the plain output error of every element in the objective.
 
     The network runs in its current quantization state (earlier units reconstructed, this and
     later ones at their initial rounding); the gradient is taken at the unit's quantized output.
@@ -238,7 +242,8 @@ def capture_fisher(
         handle.remove()
     for k in range(len(grads[0])):
         squared = torch.cat([g[k] for g in grads]).pow(2)
-        cache.append(f"{GRAD}{k}", squared / dist.global_mean(squared).clamp_min(1e-12))
+        normalized = squared / dist.global_mean(squared).clamp_min(1e-12)
+        cache.append(f"{GRAD}{k}", (normalized + floor) / (1 + floor))
     cache.finish()
 
 
@@ -292,6 +297,7 @@ def _reconstruct_pass(
             result = _reconstruct_unit(
                 qmodel, unit, k, data, device, placement, phase=phase, schedule=schedule,
                 options=options, fp_logits=fp_logits, generator=generator, dist=dist,
+                fisher_floor=config.fisher_floor,
             )
         except torch.OutOfMemoryError as exc:
             raise ReconstructionError(
@@ -318,6 +324,7 @@ def _reconstruct_unit(
     qmodel: QuantizedModel, unit: Unit, k: int, data: Tensor, device: torch.device,
     placement: CachePlacement, *, phase: str, schedule: Schedule, options: LoopOptions,
     fp_logits: Tensor | None, generator: torch.Generator, dist: DistContext,
+    fisher_floor: float = 0.0,
 ) -> UnitResult:
     learn_weights = phase in ("weights", "joint")
     acts_on = phase in ("activations", "joint")
@@ -328,7 +335,8 @@ def _reconstruct_unit(
         capture(qmodel, unit, data, device, cache, weights=False, acts=False,
                 inputs_key=FP_IN if phase == "joint" else None, outputs_key=FP_OUT)
         if fp_logits is not None:
-            capture_fisher(qmodel, unit, data, fp_logits, device, cache, acts=acts_on, dist=dist)
+            capture_fisher(qmodel, unit, data, fp_logits, device, cache, acts=acts_on, dist=dist,
+                           floor=fisher_floor)
         weight_qs = []
         if learn_weights:
             weight_qs = [
