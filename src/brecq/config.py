@@ -213,8 +213,8 @@ class BrecqConfig:
     cuda_graph: bool = field(
         default=True,
         metadata=_opt("--cuda-graph", "fast loop on CUDA with the unit's cache on the device:"
-                      " capture one reconstruction step as a CUDA graph and replay it (falls back"
-                      " to the plain fast loop if capture fails); no effect elsewhere"),
+                      " capture one reconstruction step as a CUDA graph and replay it (continues"
+                      " without a graph if capture fails); no effect elsewhere"),
     )
     early_stop: float = field(
         default=0.0,
