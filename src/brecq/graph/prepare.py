@@ -530,6 +530,12 @@ def prepare(
     if not isinstance(model, nn.Module):
         raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
     work = copy.deepcopy(model).eval()
+    # Example inputs go where the model is: a model already moved to a GPU (e.g. after evaluating
+    # it there) is prepared as it is.
+    model_device = next((p.device for p in work.parameters()), None)
+    if model_device is not None:
+        example_inputs = tuple(x.to(model_device) if isinstance(x, Tensor) else x
+                               for x in example_inputs)
     try:
         traced = fx.symbolic_trace(work)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means: use the module tree

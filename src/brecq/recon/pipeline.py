@@ -397,10 +397,7 @@ def quantize(
     started = time.perf_counter()
     was_training = model.training
     try:
-        # Trace with an example on the model's own device: a model already moved to a GPU
-        # (e.g. after evaluating it there) is quantized as it is.
-        model_device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        qmodel = prepare(model, config, (data[:2].to(model_device),), unit_predicate)
+        qmodel = prepare(model, config, (data[:2],), unit_predicate)
     finally:
         model.train(was_training)
     qmodel.to(device)
