@@ -16,6 +16,7 @@ See benchmarks/README.md for all flags and the results.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -56,6 +57,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "brecq-fisher": {"method": "brecq", "granularity": "block", "loss": "fisher"},
     "qdrop": {"method": "qdrop", "granularity": "block"},
 }
+BRECQ_FIELDS = frozenset(f.name for f in dataclasses.fields(BrecqConfig))
 BITS = ("W4A32", "W3A32", "W2A32", "W4A4", "W3A3", "W2A4", "W2A2")
 BUDGETS = {"cpu": {"iters_w": 2000, "iters_a": 500}, "paper": {"iters_w": 20000, "iters_a": 5000}}
 
@@ -103,7 +105,21 @@ def peak_rss_mb() -> float:
 
 def run_key(rec: dict[str, Any]) -> tuple:
     return (rec["model"], rec["method"], rec["bits"], rec["seed"], rec["budget"], rec["eval_split"],
-            rec["eval_count_requested"])
+            rec["eval_count_requested"], tuple(sorted(rec.get("overrides", {}).items())))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'weight_lr=3e-3' -> ('weight_lr', 0.003): a BrecqConfig field and a JSON value."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or key not in BRECQ_FIELDS:
+        raise argparse.ArgumentTypeError(
+            f"--set {text!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(BRECQ_FIELDS))}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw.strip()  # a bare string such as mse
+    return key, value
 
 
 def load_records(path: Path) -> list[dict[str, Any]]:
@@ -194,11 +210,12 @@ class EvalData:
 
 def make_config(method: str, bits: str, seed: int, args: argparse.Namespace) -> BrecqConfig:
     wb, ab = parse_bits(bits)
-    return BrecqConfig(
+    fields: dict[str, Any] = dict(
         weight_bits=wb, act_bits=ab, seed=seed, device=args.device, calib_size=args.calib_size,
         iters_w=args.iters_w, iters_a=args.iters_a, act_lr=args.act_lr,
         fisher_floor=args.fisher_floor, **METHODS[method],
     )
+    return BrecqConfig(**{**fields, **args.overrides})
 
 
 def base_record(model: str, method: str, bits: str, seed: int | None,
@@ -207,6 +224,7 @@ def base_record(model: str, method: str, bits: str, seed: int | None,
         "model": model, "method": method, "bits": bits, "seed": seed, "budget": args.budget_label,
         "eval_split": "holdout" if args.holdout else "val",
         "eval_count_requested": args.eval_size,
+        **({"overrides": args.overrides} if args.overrides else {}),
     }
 
 
@@ -262,7 +280,7 @@ def run_all(args: argparse.Namespace, out_jsonl: Path) -> None:
                     config={k: v for k, v in config.to_dict().items()
                             if k in ("method", "granularity", "loss", "iters_w", "iters_a",
                                      "weight_bits", "act_bits", "first_last_bits", "calib_size",
-                                     "batch_size", "act_lr")},
+                                     "batch_size", "act_lr") or k in args.overrides},
                     units=[{"name": u.name, "phase": u.phase, "loss_before": u.loss_before,
                             "loss_after": u.loss_after, "seconds": round(u.seconds, 2)}
                            for u in report.units],
@@ -444,6 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fisher-floor", type=float, default=0.0,
                    help="BrecqConfig.fisher_floor for the Fisher-loss method (0: pure squared"
                         " gradient)")
+    p.add_argument("--set", dest="overrides", type=parse_override, action="append", default=[],
+                   metavar="FIELD=VALUE",
+                   help="override a BrecqConfig field for every run (repeatable), e.g. --set"
+                        " weight_lr=3e-3; recorded with each result and part of its identity")
     p.add_argument("--calib-size", type=int, default=1024, help="calibration images from train")
     p.add_argument("--eval-size", type=int, default=None,
                    help="evaluate on only the first N images (quick checks; default: all)")
@@ -474,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}: choose from {', '.join(METHODS)}")
     args.bits = [b.upper() for b in args.bits]
+    args.overrides = dict(args.overrides)
     budget = BUDGETS[args.budget]
     args.budget_label = args.budget
     if args.iters_w is not None or args.iters_a is not None:

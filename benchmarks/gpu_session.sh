@@ -11,7 +11,8 @@
 #
 # PARTS (default "speed paper memory") picks among: speed, paper, memory (beside paper W2A4),
 # resnet18 (a whole ResNet-18 W2A4 run at 224x224, 20,000/5,000 iterations per unit, about
-# 5 minutes on an H200 by the per-iteration figures).
+# 5 minutes on an H200 by the per-iteration figures), tune (held-out tuning at the CPU budget,
+# then val, with ResNet-56 QDrop cells beside it; TUNE_S seconds, default 420).
 #
 # Data: ../shared as on the development machines; where it is absent and
 # .gpu_carry/shared.tar.gz exists (a packed copy of CIFAR-10 and resnet20.pt), it is unpacked there.
@@ -33,9 +34,10 @@ $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torc
 
 if [ "${SMALL:-0}" = 1 ]; then
     SPEED_ARGS="--iters 5 --repeats 1 --resnet18-iters 2"; PAPER_ARGS="--iters-w 20 --iters-a 10 --eval-size 500"
-    R50="2,1"; R18="2,1"; R50_CALIB=16
+    R50="2,1"; R18="2,1"; R50_CALIB=16; TUNE_ARGS="--iters-w 4 --iters-a 2 --eval-size 200"
 else
     SPEED_ARGS="--iters 250 --repeats 3"; PAPER_ARGS=""; R50="20,10"; R18="20000,5000"; R50_CALIB=1024
+    TUNE_ARGS=""
 fi
 
 PARTS=" ${PARTS:-speed paper memory} "
@@ -75,8 +77,23 @@ if has paper; then tail -n 4 "$OUT/paper_W2A4.log"; cat "$OUT"/accuracy_paper_gp
 
 if has resnet18; then
 elapsed "4. whole ResNet-18 W2A4 run at 224x224 (random weights), 20,000/5,000 iterations"
-timeout 560 $PY benchmarks/speed.py --device "$DEVICE" --skip resnet20,resnet18,resnet50-cache \
+timeout "${R18_TIMEOUT:-560}" $PY benchmarks/speed.py --device "$DEVICE" --skip resnet20,resnet18,resnet50-cache \
     --pipeline-iters skip --whole-run "resnet18:W2A4:$R18" --calib-size "$R50_CALIB" \
     --out "$OUT/resnet18_run.json" 2>&1 | grep -v "it/s\]" | tee "$OUT/resnet18_run.log"
+fi
+if has tune; then
+# Issue 4 at the CPU budget (2,000 / 500 iterations per unit; the GPU only makes it quicker):
+# settings chosen on held-out train images, then val (benchmarks/tune.py), and ResNet-56 QDrop
+# cells beside it. TUNE_S bounds the whole part.
+TUNE_S=${TUNE_S:-420}
+elapsed "5. CPU-budget tuning on held-out train images, then val (at most $TUNE_S s)"
+timeout "$TUNE_S" $PY benchmarks/accuracy.py --models resnet56 --methods qdrop --bits W4A4,W2A4 \
+    --seeds 0 --budget cpu --device "$DEVICE" $PAPER_ARGS --name accuracy_cpu_budget_gpu \
+    --results-dir "$OUT" --no-report > "$OUT/resnet56.log" 2>&1 &
+timeout "$TUNE_S" $PY benchmarks/tune.py --spec "${TUNE_SPEC:-benchmarks/tune_spec.json}" \
+    --device "$DEVICE" --jobs "${TUNE_JOBS:-8}" --deadline-s $((TUNE_S - 15)) \
+    --val-reserve-s "${VAL_RESERVE_S:-110}" --run-s "${RUN_S:-60}" $TUNE_ARGS --out "$OUT/tune" 2>&1 | tee "$OUT/tune.log"
+wait
+grep RESULT "$OUT/resnet56.log"
 fi
 elapsed "done"

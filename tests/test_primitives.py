@@ -125,6 +125,28 @@ def test_lp_error_weights_elements():
     assert P.lp_error(pred, target, weight=weight) == 0
 
 
+@pytest.mark.parametrize("p", [2.0, 2.4])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_lp_error_gradient_matches_autograd_and_keeps_the_layout(p, weighted):
+    gen = torch.Generator().manual_seed(0)
+    pred = torch.randn(2, 3, 4, 5, generator=gen).contiguous(memory_format=torch.channels_last)
+    target = torch.randn(2, 3, 4, 5, generator=gen)
+    weight = torch.rand(2, 3, 4, 5, generator=gen) if weighted else None
+    reference_pred = pred.clone().requires_grad_()
+    err = (reference_pred - target).abs().pow(p)
+    if weighted:
+        err = err * weight
+    reference = err.mean() * 3
+    reference.backward()
+    pred.requires_grad_()
+    loss = P.lp_error(pred, target, p, weight)
+    loss.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    torch.testing.assert_close(pred.grad, reference_pred.grad)
+    # A channels-last output gets a channels-last gradient (a mixed layout is slow downstream).
+    assert pred.grad.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_round_bias_lands_on_the_int32_grid_and_passes_gradient():
     bias = torch.tensor([0.123456, -2.5e-3, 7.0], requires_grad=True)
     step = torch.tensor([1e-3, 1e-4, 3e-3])
