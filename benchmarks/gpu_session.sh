@@ -15,7 +15,11 @@
 # then val, with ResNet-56 QDrop cells beside it; TUNE_S seconds, default 420).
 #
 # Data: ../shared as on the development machines; where it is absent and
-# .gpu_carry/shared.tar.gz exists (a packed copy of CIFAR-10 and resnet20.pt), it is unpacked there.
+# .gpu_carry/shared.tar.gz exists, it is unpacked there. Make that packed copy beforehand with
+#   mkdir -p .gpu_carry && tar -C ../shared -czf .gpu_carry/shared.tar.gz data/cifar10 \
+#       weights/cifar10/resnet20.pt weights/cifar10/resnet56.pt
+# (about 11 MB; .gpu_carry is git-ignored locally, so pass it to the device tool's carry list).
+# Keep what a part leaves under $OUT to a few files: the device returns a limited number.
 set -u
 OUT=${OUT:-/tmp/brecq_gpu}
 DEVICE=${DEVICE:-cuda}

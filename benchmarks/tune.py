@@ -144,6 +144,17 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int, stop_starting_at: float,
                      time.monotonic() - job.started)
 
 
+def choose(holdout: list[list[float]], seeds: int) -> int | None:
+    """Index of the grid point with the best mean held-out top-1; ties go to the earlier point.
+
+    Only points with all `seeds` runs finished compete, so a partial mean cannot win by luck.
+    """
+    complete = [i for i, tops in enumerate(holdout) if len(tops) == seeds]
+    if not complete:
+        return None
+    return max(complete, key=lambda i: (statistics.fmean(holdout[i]), -i))
+
+
 def mean_or_none(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
@@ -202,9 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"point": point, "holdout": tops, "holdout_mean": mean_or_none(tops),
                          "records": [r for s in holdout_seeds
                                      if (r := record_of(args.out, job_name(st, i, "holdout", s)))]})
-        # Only points with every seed finished compete, so a partial mean cannot win by luck.
-        complete = [i for i, r in enumerate(rows) if len(r["holdout"]) == len(holdout_seeds)]
-        chosen = max(complete, key=lambda i: (rows[i]["holdout_mean"], -i)) if complete else None
+        chosen = choose([r["holdout"] for r in rows], len(holdout_seeds))
         summary.append({"study": st.label, "model": st.model, "method": st.method,
                         "bits": st.bits, "rows": rows, "chosen": chosen})
         if chosen is None:

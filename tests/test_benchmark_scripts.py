@@ -1,0 +1,43 @@
+"""The benchmark scripts' own logic: settings chosen on the held-out split, run overrides."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import accuracy  # noqa: E402
+import tune  # noqa: E402
+
+
+def test_tune_chooses_best_mean_of_complete_points_and_breaks_ties_to_the_earlier():
+    # Point 2 has the best single run but lacks a seed: it must not win on a partial mean.
+    assert tune.choose([[80.0, 81.0], [81.0, 80.0], [90.0]], seeds=2) == 0
+    assert tune.choose([[80.0, 81.0], [81.0, 81.0]], seeds=2) == 1
+    assert tune.choose([[85.0], []], seeds=2) is None
+
+
+def test_tune_grid_expands_every_combination_in_order():
+    study = tune.Study("resnet20", "qdrop", "W2A4", {"weight_lr": [1e-3, 3e-3], "act_lr": [4e-5]})
+    assert study.points == [{"weight_lr": 1e-3, "act_lr": 4e-5}, {"weight_lr": 3e-3, "act_lr": 4e-5}]
+
+
+def test_accuracy_override_parses_json_values_and_names_bad_fields():
+    assert accuracy.parse_override("weight_lr=3e-3") == ("weight_lr", 0.003)
+    assert accuracy.parse_override("loss=mse") == ("loss", "mse")
+    with pytest.raises(argparse.ArgumentTypeError, match="round_lambda"):
+        accuracy.parse_override("round_lamda=0.03")
+
+
+def test_overrides_reach_the_config_and_the_run_identity():
+    args = accuracy.build_parser().parse_args(["--set", "round_lambda=0.03", "--seeds", "0"])
+    args.overrides = dict(args.overrides)
+    args.budget_label, args.iters_w, args.iters_a = "cpu", 2000, 500
+    config = accuracy.make_config("brecq-block", "W2A32", 0, args)
+    assert config.round_lambda == 0.03 and config.act_bits is None
+    with_override = accuracy.base_record("resnet20", "brecq-block", "W2A32", 0, args)
+    args.overrides = {}
+    plain = accuracy.base_record("resnet20", "brecq-block", "W2A32", 0, args)
+    assert accuracy.run_key(with_override) != accuracy.run_key(plain)
