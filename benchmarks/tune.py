@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 HERE = Path(__file__).resolve().parent
 ACCURACY = HERE / "accuracy.py"
@@ -40,7 +40,13 @@ class Job:
     name: str  # file stem under <out>/jobs
     args: list[str]
     process: subprocess.Popen | None = None
+    log: IO[str] | None = None
     started: float = 0.0
+
+    def finish(self) -> None:
+        """Wait for the process and close its log file."""
+        self.process.wait()
+        self.log.close()
 
 
 @dataclass
@@ -121,12 +127,12 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int, stop_starting_at: float,
                         ", ".join(j.name for j in running))
             for job in running:
                 job.process.kill()
-                job.process.wait()
+                job.finish()
             return
         while pending and len(running) < parallel and time.monotonic() < stop_starting_at:
             job = pending.pop(0)
-            logfile = (out / "jobs" / f"{job.name}.log").open("w")
-            job.process = subprocess.Popen(job.args, stdout=logfile, stderr=subprocess.STDOUT)
+            job.log = (out / "jobs" / f"{job.name}.log").open("w")
+            job.process = subprocess.Popen(job.args, stdout=job.log, stderr=subprocess.STDOUT)
             job.started = time.monotonic()
             running.append(job)
         if pending and time.monotonic() >= stop_starting_at and not running:
@@ -138,6 +144,7 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int, stop_starting_at: float,
             if code is None:
                 continue
             running.remove(job)
+            job.finish()
             top1 = result_of(out, job.name)
             log.info("%s: %s (%.0f s)", job.name,
                      f"top-1 {top1:.2f}" if top1 is not None else f"failed (exit {code})",
