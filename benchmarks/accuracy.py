@@ -33,6 +33,7 @@ import torch
 
 from brecq.config import BrecqConfig
 from brecq.data import ImageFolderDataset, eval_loader, load_calibration
+from brecq.errors import ConfigError
 from brecq.evaluate import evaluate
 from brecq.models import build_model
 from brecq.recon.pipeline import quantize, resolve_device
@@ -486,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                         datefmt="%H:%M:%S")
     for m in args.models:
@@ -507,6 +509,13 @@ def main(argv: list[str] | None = None) -> int:
     args.iters_a = budget["iters_a"] if args.iters_a is None else args.iters_a
     for b in args.bits:
         parse_bits(b)
+    # Build every run's config now, so a bad --set value stops here, not after hours of runs.
+    for method in args.methods:
+        for bits in args.bits:
+            try:
+                make_config(method, bits, args.seeds[0] if args.seeds else 0, args)
+            except ConfigError as exc:
+                parser.error(f"{method} {bits}: {exc}")
     name = args.name or "accuracy_{}{}{}".format(
         args.budget_label, "_holdout" if args.holdout else "",
         f"_eval{args.eval_size}" if args.eval_size else "")

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import accuracy
+
 HERE = Path(__file__).resolve().parent
 ACCURACY = HERE / "accuracy.py"
 
@@ -65,6 +67,41 @@ class Study:
     @property
     def label(self) -> str:
         return f"{self.model}_{self.method}_{self.bits}"
+
+
+class SpecError(ValueError):
+    """A tuning spec that cannot run; the message names the problem and the fix."""
+
+
+def load_spec(path: Path) -> tuple[dict[str, Any], list[Study]]:
+    """Read and check a spec before any run starts (a typo must not cost a night of runs)."""
+    try:
+        spec = json.loads(path.read_text())
+    except OSError as exc:
+        raise SpecError(f"cannot read the spec {path}: {exc.strerror}; pass an existing file") from exc
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"the spec {path} is not valid JSON ({exc}); fix the file") from exc
+    if not isinstance(spec, dict) or not spec.get("studies"):
+        raise SpecError(f"the spec {path} needs a non-empty \"studies\" list")
+    studies = []
+    for n, entry in enumerate(spec["studies"]):
+        missing = [k for k in ("model", "method", "bits") if k not in entry]
+        if missing:
+            raise SpecError(f"study {n} lacks {', '.join(missing)}")
+        if entry["model"] not in accuracy.MODELS or entry["method"] not in accuracy.METHODS:
+            raise SpecError(f"study {n}: model must be one of {', '.join(accuracy.MODELS)} and "
+                            f"method one of {', '.join(accuracy.METHODS)}")
+        try:
+            accuracy.parse_bits(entry["bits"])
+        except argparse.ArgumentTypeError as exc:
+            raise SpecError(f"study {n}: {exc}") from exc
+        grid = entry.get("grid", {})
+        bad = sorted(k for k in grid if k not in accuracy.BRECQ_FIELDS)
+        if bad or not all(isinstance(v, list) and v for v in grid.values()):
+            raise SpecError(f"study {n}: the grid maps BrecqConfig fields to non-empty lists of "
+                            f"values; unknown or empty: {', '.join(bad) or 'an empty list'}")
+        studies.append(Study(entry["model"], entry["method"], entry["bits"], grid))
+    return spec, studies
 
 
 def point_label(point: dict[str, Any]) -> str:
@@ -190,8 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                         datefmt="%H:%M:%S")
-    spec = json.loads(args.spec.read_text())
-    studies = [Study(s["model"], s["method"], s["bits"], s.get("grid", {})) for s in spec["studies"]]
+    try:
+        spec, studies = load_spec(args.spec)
+    except SpecError as exc:
+        p.error(str(exc))
     (args.out / "jobs").mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     end = started + args.deadline_s if args.deadline_s else float("inf")

@@ -41,3 +41,28 @@ def test_overrides_reach_the_config_and_the_run_identity():
     args.overrides = {}
     plain = accuracy.base_record("resnet20", "brecq-block", "W2A32", 0, args)
     assert accuracy.run_key(with_override) != accuracy.run_key(plain)
+
+
+def test_tune_spec_errors_name_the_problem_before_any_run(tmp_path):
+    spec = tmp_path / "spec.json"
+    with pytest.raises(tune.SpecError, match="cannot read"):
+        tune.load_spec(spec)
+    spec.write_text("{not json")
+    with pytest.raises(tune.SpecError, match="not valid JSON"):
+        tune.load_spec(spec)
+    spec.write_text('{"studies": [{"model": "resnet20", "method": "qdrop", "bits": "W2A4",'
+                    ' "grid": {"weight_lrr": [0.001]}}]}')
+    with pytest.raises(tune.SpecError, match="weight_lrr"):
+        tune.load_spec(spec)
+    spec.write_text('{"studies": [{"model": "resnet20", "method": "qdrop", "bits": "W2A4",'
+                    ' "grid": {"weight_lr": [0.001, 0.003]}}]}')
+    _, studies = tune.load_spec(spec)
+    assert len(studies[0].points) == 2
+
+
+def test_accuracy_refuses_a_bad_override_value_before_running(capsys):
+    with pytest.raises(SystemExit) as exc:
+        accuracy.main(["--models", "resnet20", "--methods", "rtn", "--bits", "W4A4",
+                       "--set", "round_lambda=-1"])
+    assert exc.value.code == 2
+    assert "round_lambda" in capsys.readouterr().err
