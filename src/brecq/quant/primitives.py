@@ -178,7 +178,7 @@ class _LpError(torch.autograd.Function):
     Autograd's own backward of the mean starts from an expanded scalar, so the gradient reaching
     `pred` is laid out contiguously whatever `pred`'s layout: with channels-last outputs every
     elementwise backward after it (a ReLU's, typically) then mixes layouts and takes a slow
-    strided path on CPU (about 10x slower there). Here the gradient is computed from the saved
+    strided path on CPU (about 15x slower there). Here the gradient is computed from the saved
     difference and keeps its layout, in fewer passes over the output.
     """
 
