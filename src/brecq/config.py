@@ -115,6 +115,12 @@ class BrecqConfig:
         metadata=_opt("--last-layers", "comma-separated names of the last layers (default:"
                       " the layers whose output reaches the model output)"),
     )
+    float_layers: tuple[str, ...] | None = field(
+        default=None,
+        metadata=_opt("--float-layers", "comma-separated names (or fnmatch patterns, '*' for all)"
+                      " of weight layers to leave in float; any other Conv/Linear that cannot be"
+                      " quantized stops prepare with an error"),
+    )
     unit_names: tuple[str, ...] | None = field(
         default=None,
         metadata=_opt("--units", "comma-separated module names to reconstruct as units"
@@ -285,7 +291,7 @@ class BrecqConfig:
             for key, bits in mapping.items():
                 check_bits(bits, f"{name}[{key!r}]")
             object.__setattr__(self, name, dict(mapping))
-        for name in ("first_layers", "last_layers", "unit_names"):
+        for name in ("first_layers", "last_layers", "float_layers", "unit_names"):
             names = getattr(self, name)
             if names is not None:
                 if isinstance(names, str) or not all(isinstance(n, str) for n in names):
@@ -306,7 +312,7 @@ class BrecqConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        for name in ("first_layers", "last_layers", "unit_names"):
+        for name in ("first_layers", "last_layers", "float_layers", "unit_names"):
             if out[name] is not None:
                 out[name] = list(out[name])
         return out

@@ -15,7 +15,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
@@ -39,10 +39,12 @@ def fold_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
 
 
 def _foldable_pair(layer: nn.Module, bn: nn.Module) -> bool:
-    if not isinstance(layer, _FOLDABLE) or not isinstance(bn, _BATCHNORMS):
+    if not isinstance(layer, _FOLDABLE) or not isinstance(bn, BATCHNORMS):
         return False
     if not bn.track_running_stats or bn.running_mean is None:
         return False
+    if type(bn).forward is not nn.modules.batchnorm._BatchNorm.forward:
+        return False  # a subclass that does more than normalize (timm's BatchNormAct2d)
     out_features = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     if isinstance(layer, nn.Linear) and not isinstance(bn, nn.BatchNorm1d):
         return False
@@ -58,7 +60,7 @@ def fold_batchnorm_graph(gm: fx.GraphModule) -> int:
             calls_per_target[node.target] = calls_per_target.get(node.target, 0) + 1
     folded = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules.get(node.target), _BATCHNORMS):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), BATCHNORMS):
             continue
         producer = node.args[0] if node.args else None
         if not isinstance(producer, fx.Node) or producer.op != "call_module":
@@ -80,12 +82,18 @@ def fold_batchnorm_graph(gm: fx.GraphModule) -> int:
 
 
 @torch.no_grad()
-def fold_batchnorm_eager(model: nn.Module, example_inputs: tuple) -> int:
-    """Fold pairs found by tensor identity during one forward pass (for untraceable models)."""
+def fold_batchnorm_eager(model: nn.Module, example_inputs: tuple,
+                         within: set[str] | None = None) -> int:
+    """Fold pairs found by tensor identity during one forward pass (for untraceable code).
+
+    With `within`, only pairs inside those submodules are folded (the rest of the model was
+    folded on its graph).
+    """
     calls: list[tuple[str, nn.Module, object, object]] = []
     handles = []
     for name, module in model.named_modules():
-        if isinstance(module, _FOLDABLE + _BATCHNORMS):
+        inside = within is None or any(name.startswith(prefix + ".") for prefix in within)
+        if inside and isinstance(module, _FOLDABLE + BATCHNORMS):
             def hook(mod, args, output, name=name):  # noqa: ANN001
                 calls.append((name, mod, args[0] if args else None, output))
             handles.append(module.register_forward_hook(hook))
@@ -102,7 +110,7 @@ def fold_batchnorm_eager(model: nn.Module, example_inputs: tuple) -> int:
     parents = dict(model.named_modules())
     folded = 0
     for name, mod, inp, _ in calls:
-        if not isinstance(mod, _BATCHNORMS) or id(inp) not in producer_of:
+        if not isinstance(mod, BATCHNORMS) or id(inp) not in producer_of:
             continue
         layer_name, layer = producer_of[id(inp)]
         if call_count[name] > 1 or call_count[layer_name] > 1 or not _foldable_pair(layer, mod):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import fnmatch
 import logging
 import operator
 from collections.abc import Callable, Iterator
@@ -176,8 +177,57 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, attr, module)
 
 
+def _is_float_layer(name: str, config: BrecqConfig) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in config.float_layers or ())
+
+
 # --------------------------------------------------------------------------------------------
 # torch.fx path
+
+
+class _LeafTracer(fx.Tracer):
+    """An fx tracer that keeps weight layers and the modules in `leaves` whole.
+
+    Weight layers stay whole even when a library subclasses them (timm's Conv2dSame computes its
+    padding with Python control flow). When tracing fails, `failed_in` names the innermost module
+    whose code raised, so the caller can retry with that module kept whole.
+    """
+
+    def __init__(self, leaves: set[str]) -> None:
+        super().__init__()
+        self.leaves = leaves
+        self.failed_in: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaves:
+            return True
+        if isinstance(m, QUANTIZABLE_LAYERS + (nn.MultiheadAttention,)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):  # noqa: ANN001, ANN201
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.path_of_module(m)
+            raise
+
+
+def _trace(model: nn.Module) -> tuple[fx.GraphModule, set[str]]:
+    """Trace `model`, keeping whole each submodule fx cannot trace through; raises if the
+    model's own forward is what fails."""
+    leaves: set[str] = set()
+    while True:
+        tracer = _LeafTracer(leaves)
+        try:
+            graph = tracer.trace(model)
+        except Exception:
+            if not tracer.failed_in or tracer.failed_in in leaves:
+                raise
+            leaves.add(tracer.failed_in)
+            continue
+        return fx.GraphModule(tracer.root, graph, type(model).__name__), leaves
 
 
 class _TensorRecorder(fx.Interpreter):
@@ -299,20 +349,58 @@ def _build_runner(gm: fx.GraphModule, nodes: list[fx.Node], plans: list[UnitPlan
     return fx.GraphModule(units, graph, class_name="UnitRunner"), modules
 
 
+def _layers_inside(gm: fx.GraphModule, leaves: set[str], called: list[str],
+                   config: BrecqConfig) -> dict[str, tuple[str, ...]]:
+    """Weight layers (in execution order) inside each module that is one node of the graph."""
+    inner: dict[str, tuple[str, ...]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in leaves and node.target not in inner:
+            inner[node.target] = tuple(
+                name for name in called
+                if name.startswith(node.target + ".") and not _is_float_layer(name, config)
+                and _is_quantizable(gm.get_submodule(name))
+            )
+    return {leaf: names for leaf, names in inner.items() if names}
+
+
+def _quantize_inside(gm: fx.GraphModule, inner: dict[str, tuple[str, ...]], config: BrecqConfig,
+                     special: set[str], layers: dict[str, QuantizedWeights],
+                     act_quantizers: dict[str, ActQuantizer]) -> None:
+    """Quantize the layers inside untraced modules, each activation input right at its layer."""
+    for name in (n for names in inner.values() for n in names):
+        layer = _quantized_layer(gm.get_submodule(name), config, _layer_bits(name, config, special))
+        layers[name] = layer
+        if config.act_bits is not None:
+            bits = config.act_layer_bits.get(name, config.act_bits)
+            wrapped = _InputQuantized(layer, ActQuantizer(bits, symmetric=config.act_symmetric))
+            if config.integer_bias and isinstance(layer, QuantLayer):
+                layer.quantize_bias(wrapped.input_quantizer)
+            act_quantizers[name] = wrapped.input_quantizer
+            _set_submodule(gm, name, wrapped)
+        else:
+            _set_submodule(gm, name, layer)
+
+
 def _prepare_traced(
     gm: fx.GraphModule, config: BrecqConfig, example_inputs: tuple,
-    unit_predicate: UnitPredicate | None,
+    unit_predicate: UnitPredicate | None, leaves: set[str] = frozenset(),
+    called: list[str] = (),
 ) -> QuantizedModel:
     folded = fold_batchnorm_graph(gm)
+    if leaves:
+        # Inside modules fx could not trace, pairs come from one run (tensor identity).
+        folded += fold_batchnorm_eager(gm, example_inputs, within=leaves)
     logger.info("folded %d BatchNorm layers into the layers before them", folded)
     _TensorRecorder(gm).run(*example_inputs)
 
     layer_nodes = {
         n for n in gm.graph.nodes
         if n.op == "call_module" and _is_quantizable(gm.get_submodule(n.target))
+        and not _is_float_layer(n.target, config)
     }
     names = sorted({n.target for n in layer_nodes})
-    _check_names(config.layer_bits, names, "layer_bits")
+    inner = _layers_inside(gm, leaves, list(called), config)
+    _check_names(config.layer_bits, names + [n for ns in inner.values() for n in ns], "layer_bits")
     _check_names(config.first_layers, names, "first_layers")
     _check_names(config.last_layers, names, "last_layers")
 
@@ -335,6 +423,7 @@ def _prepare_traced(
         layers[name] = layer
 
     act_quantizers: dict[str, ActQuantizer] = {}
+    _quantize_inside(gm, inner, config, special, layers, act_quantizers)
     if config.act_bits is not None:
         producers: dict[fx.Node, set[str]] = {}
         for node in gm.graph.nodes:
@@ -370,7 +459,7 @@ def _prepare_traced(
     gm.recompile()
 
     plans = plan_units(
-        gm.graph, set(names), config.granularity, config.unit_names, unit_predicate
+        gm.graph, set(names), config.granularity, config.unit_names, unit_predicate, inner
     )
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
     runner, modules = _build_runner(gm, nodes, plans)
@@ -379,7 +468,7 @@ def _prepare_traced(
         aqs = tuple(
             n.meta["brecq_act_quantizer"] for n in nodes[plan.start : plan.end + 1]
             if "brecq_act_quantizer" in n.meta
-        )
+        ) + tuple(name for name in plan.layers if name in act_quantizers and name not in names)
         units.append(Unit(plan.name, plan.kind, module, plan.layers, aqs))
     return QuantizedModel(gm, layers, act_quantizers, units, runner, tuple(first),
                           tuple(last), traced=True)
@@ -424,7 +513,7 @@ def _prepare_module_tree(
     logger.info("folded %d BatchNorm layers into the layers before them", folded)
     order, io = _execution_order(model, example_inputs)
     modules = dict(model.named_modules())
-    names = [n for n in order if _is_quantizable(modules[n])]
+    names = [n for n in order if _is_quantizable(modules[n]) and not _is_float_layer(n, config)]
     names = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
     if not names:
         raise ConfigError("the model has no Conv or Linear layer to quantize")
@@ -518,6 +607,69 @@ class _InputQuantized(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# The "nothing left in float" check
+
+
+def _called_weight_layers(model: nn.Module, example_inputs: tuple) -> list[str]:
+    """Names of the Conv/Linear/MultiheadAttention modules one forward pass calls, in order."""
+    order: list[str] = []
+    handles = []
+    for name, module in model.named_modules():
+        if name and isinstance(module, QUANTIZABLE_LAYERS + (nn.MultiheadAttention,)):
+            def pre_hook(mod, args, name=name):  # noqa: ANN001
+                if name not in order:
+                    order.append(name)
+            handles.append(module.register_forward_pre_hook(pre_hook))
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order
+
+
+def _float_reason(name: str, module: nn.Module, qmodel: QuantizedModel, read_directly: bool) -> str:
+    if isinstance(module, nn.MultiheadAttention) and not module._qkv_same_embed_dim:
+        return "MultiheadAttention with key/value sizes unlike the query is not supported"
+    if read_directly:
+        return ("the model's code reads its weight directly (e.g. F.linear(x, self.fc.weight)) "
+                "instead of calling the layer")
+    if not qmodel.traced:
+        return "the module-tree fallback (model not traceable by torch.fx) did not reach it"
+    return "it is not called as a module in the traced graph"
+
+
+def _check_all_quantized(model: nn.Module, qmodel: QuantizedModel, called: list[str],
+                         direct_reads: set[str], config: BrecqConfig) -> None:
+    """Fail when a Conv/Linear that takes part in the forward pass is left in float unasked."""
+    modules = dict(model.named_modules())
+    quantized = set(qmodel.layers)
+    missing = []
+    for name in dict.fromkeys([*called, *sorted(n for n in direct_reads if n in modules)]):
+        module = modules[name]
+        if not (_is_quantizable(module) or isinstance(module, nn.MultiheadAttention)):
+            continue
+        if name in quantized or _is_float_layer(name, config):
+            continue
+        if any(name.startswith(q + ".") for q in quantized):
+            continue  # part of a quantized layer (the out_proj of a MultiheadAttention)
+        reason = _float_reason(name, module, qmodel, name in direct_reads)
+        missing.append(f"{name} ({type(module).__name__}): {reason}")
+    if missing:
+        raise ModelError(
+            f"{len(missing)} weight layer(s) would stay in float: " + "; ".join(missing)
+            + ". Set float_layers (--float-layers) to these names, or '*', to keep them in float"
+            " on purpose"
+        )
+    unused = [n for n, m in modules.items() if _is_quantizable(m) and n not in called
+              and n not in direct_reads and not any(n.startswith(q + ".") for q in quantized)]
+    if unused:
+        logger.info("%d weight layers are not used by the forward pass and stay as they are: %s",
+                    len(unused), ", ".join(unused[:10]) + (" ..." if len(unused) > 10 else ""))
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def prepare(
@@ -536,8 +688,10 @@ def prepare(
     if model_device is not None:
         example_inputs = tuple(x.to(model_device) if isinstance(x, Tensor) else x
                                for x in example_inputs)
+    called = _called_weight_layers(work, example_inputs)
+    direct_reads: set[str] = set()
     try:
-        traced = fx.symbolic_trace(work)
+        traced, leaves = _trace(work)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means: use the module tree
         logger.warning(
             "torch.fx cannot trace %s (%s: %s); falling back to the module tree: activation "
@@ -546,7 +700,15 @@ def prepare(
         )
         qmodel = _prepare_module_tree(work, config, example_inputs, unit_predicate)
     else:
-        qmodel = _prepare_traced(traced, config, example_inputs, unit_predicate)
+        if leaves:
+            logger.warning(
+                "torch.fx cannot trace into %s of %s; each is kept as one node of the graph, its "
+                "weight layers quantized with their activation input at the layer",
+                ", ".join(sorted(leaves)), type(model).__name__,
+            )
+        direct_reads = {n.target.rpartition(".")[0] for n in traced.graph.nodes if n.op == "get_attr"}
+        qmodel = _prepare_traced(traced, config, example_inputs, unit_predicate, leaves, called)
+    _check_all_quantized(work, qmodel, called, direct_reads, config)
     if len(example_inputs) == 1 and isinstance(example_inputs[0], Tensor):
         qmodel.example_input_shape = [1, *example_inputs[0].shape[1:]]
     return qmodel

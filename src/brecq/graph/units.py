@@ -40,7 +40,11 @@ def _module_paths(node: fx.Node) -> list[str]:
 class GraphIndex:
     """Execution-ordered nodes of a graph with their liveness and module membership."""
 
-    def __init__(self, graph: fx.Graph, layer_targets: set[str]) -> None:
+    def __init__(self, graph: fx.Graph, layer_targets: set[str],
+                 inner_layers: dict[str, tuple[str, ...]] | None = None) -> None:
+        # A module fx could not trace through is one node holding several weight layers.
+        self.inner_layers = inner_layers or {}
+        layer_targets = set(layer_targets) | set(self.inner_layers)
         self.nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
         self.position = {n: i for i, n in enumerate(self.nodes)}
         count = len(self.nodes)
@@ -77,7 +81,10 @@ class GraphIndex:
         return self.live[position + 1] == 1
 
     def layers_in(self, start: int, end: int) -> tuple[str, ...]:
-        return tuple(self.nodes[i].target for i in self.layer_positions if start <= i <= end)
+        return tuple(
+            name for i in self.layer_positions if start <= i <= end
+            for name in self.inner_layers.get(self.nodes[i].target, (self.nodes[i].target,))
+        )
 
     def cuttable_modules(self) -> dict[str, tuple[int, int]]:
         """Modules whose nodes are contiguous and start and end at single-tensor cut points."""
@@ -186,7 +193,7 @@ def _layer_units(index: GraphIndex) -> list[UnitPlan]:
         start = 0 if k == 0 else pos
         end = positions[k + 1] - 1 if k + 1 < len(positions) else len(index.nodes) - 1
         name = index.nodes[pos].target
-        units.append(UnitPlan(name, "layer", start, end, (name,)))
+        units.append(UnitPlan(name, "layer", start, end, index.layers_in(pos, pos)))
     return units
 
 
@@ -196,9 +203,13 @@ def plan_units(
     granularity: str = "block",
     unit_names: Sequence[str] | None = None,
     unit_predicate: UnitPredicate | None = None,
+    inner_layers: dict[str, tuple[str, ...]] | None = None,
 ) -> list[UnitPlan]:
-    """Reconstruction units of `graph` in execution order, covering every node."""
-    index = GraphIndex(graph, layer_targets)
+    """Reconstruction units of `graph` in execution order, covering every node.
+
+    `inner_layers` maps a module called as one node (not traced into) to the weight layers it holds.
+    """
+    index = GraphIndex(graph, layer_targets, inner_layers)
     if not index.layer_positions:
         raise ConfigError("the model has no Conv or Linear layer to quantize")
     if unit_names is not None or unit_predicate is not None:

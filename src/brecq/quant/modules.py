@@ -12,10 +12,12 @@ from collections.abc import Iterator
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from .quantizers import ActQuantizer, BiasQuantizer, WeightQuantizer
 
 QUANTIZABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_PLAIN_FORWARDS = {cls.forward for cls in QUANTIZABLE_LAYERS}
 
 
 class QuantizedWeights(nn.Module):
@@ -39,6 +41,9 @@ class QuantLayer(QuantizedWeights):
         self.layer = layer
         self.weight_quantizer = quantizer
         self.bias_quantizer: nn.Module | None = None
+        # Subclasses with a forward of their own (padding "same" computed per input, weight
+        # standardization, ...) must run that code: only the weight it reads is replaced.
+        self.custom_forward = type(layer).forward not in _PLAIN_FORWARDS
 
     def quantize_bias(self, input_quantizer: ActQuantizer) -> None:
         """Add the bias on the int32 grid of `input_quantizer`'s step x the weight step."""
@@ -61,6 +66,9 @@ class QuantLayer(QuantizedWeights):
         bias = self.layer.bias
         if self.bias_quantizer is not None:
             bias = self.bias_quantizer(bias, self.weight_quantizer)
+        if self.custom_forward:
+            replaced = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+            return functional_call(self.layer, replaced, (x,))
         if isinstance(self.layer, nn.Linear):
             return F.linear(x, weight, bias)
         return self.layer._conv_forward(x, weight, bias)
