@@ -7,16 +7,19 @@ matching tensor identities (the BatchNorm's input is the very tensor the conv re
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 logger = logging.getLogger(__name__)
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_FOLDABLE = (*_CONVS, nn.Linear)
 
 
 @torch.no_grad()
@@ -24,14 +27,21 @@ def fold_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
     """Rewrite `layer`'s weight and bias so that layer(x) equals bn(layer_before(x)) in eval."""
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("cannot fold a BatchNorm without running statistics")
-    inv_std = torch.rsqrt(bn.running_var + bn.eps)
-    gamma = bn.weight if bn.weight is not None else torch.ones_like(inv_std)
-    beta = bn.bias if bn.bias is not None else torch.zeros_like(inv_std)
+    fold_statistics(layer, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+
+
+@torch.no_grad()
+def fold_statistics(layer: nn.Module, mean: torch.Tensor, var: torch.Tensor,
+                    gamma: torch.Tensor | None, beta: torch.Tensor | None, eps: float) -> None:
+    """Rewrite `layer`'s weight and bias to include an eval-mode batch norm of its output."""
+    inv_std = torch.rsqrt(var + eps)
+    gamma = gamma if gamma is not None else torch.ones_like(inv_std)
+    beta = beta if beta is not None else torch.zeros_like(inv_std)
     factor = gamma * inv_std
     weight = layer.weight
     weight.mul_(factor.reshape(-1, *([1] * (weight.dim() - 1))))
-    bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
-    new_bias = (bias - bn.running_mean) * factor + beta
+    bias = layer.bias if layer.bias is not None else torch.zeros_like(mean)
+    new_bias = (bias - mean) * factor + beta
     if layer.bias is None:
         layer.bias = nn.Parameter(new_bias)
     else:
@@ -75,10 +85,66 @@ def fold_batchnorm_graph(gm: fx.GraphModule) -> int:
         node.replace_all_uses_with(producer)
         gm.graph.erase_node(node)
         folded += 1
+    folded += _fold_functional(gm, modules, calls_per_target)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
     return folded
+
+
+def _fold_functional(gm: fx.GraphModule, modules: dict[str, nn.Module],
+                     calls_per_target: dict[str, int]) -> int:
+    """Fold eval-mode `F.batch_norm` calls on a layer's output (BatchNorm subclasses that also
+    apply an activation, such as timm's BatchNormAct2d, trace to this)."""
+    folded = 0
+    signature = inspect.signature(F.batch_norm)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not F.batch_norm:
+            continue
+        bound = signature.bind(*node.args, **node.kwargs)
+        bound.apply_defaults()
+        args = bound.arguments
+        producer = args["input"]
+        if not isinstance(producer, fx.Node) or producer.op != "call_module":
+            continue
+        layer = modules.get(producer.target)
+        stats = [args[k] for k in ("running_mean", "running_var", "weight", "bias")]
+        # Only convolutions: their channel axis is the one batch_norm normalizes.
+        if (args["training"] is not False or not isinstance(layer, _CONVS)
+                or len(_value_users(producer)) != 1 or calls_per_target[producer.target] > 1
+                or not all(a is None or (isinstance(a, fx.Node) and a.op == "get_attr")
+                           for a in stats)
+                or stats[0] is None or stats[1] is None):
+            continue
+        mean, var, gamma, beta = (None if a is None else _attribute(gm, a.target) for a in stats)
+        if mean.numel() != layer.out_channels:
+            continue
+        fold_statistics(layer, mean, var, gamma, beta, float(args["eps"]))
+        node.replace_all_uses_with(producer)
+        gm.graph.erase_node(node)
+        for attr in stats:
+            if attr is not None and not attr.users:
+                gm.graph.erase_node(attr)
+        folded += 1
+    return folded
+
+
+_METADATA = ("ndim", "shape", "dtype", "device", "dim", "size")
+
+
+def _value_users(node: fx.Node) -> list[fx.Node]:
+    """Users of `node` that read its values, not only its shape (a folded output keeps it)."""
+    return [
+        user for user in node.users
+        if not (user.op in ("call_function", "call_method") and user.args and user.args[0] is node
+                and (user.target in _METADATA[-2:] or (user.target is getattr
+                                                       and user.args[1] in _METADATA[:4])))
+    ]
+
+
+def _attribute(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
 @torch.no_grad()

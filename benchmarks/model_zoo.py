@@ -1,0 +1,184 @@
+"""Quantize every torchvision classifier and a set of timm families (random weights, small inputs).
+
+For each model: weight layers quantized / weight layers the forward pass uses, W8A8 output
+agreement with the float model on a fixed random batch (top-1 agreement and mean cosine of the
+logits), and whether BRECQ reconstruction ran (2 + 2 iterations). Random weights give degenerate
+activation scales (timm's EfficientNet init shrinks activations to ~1e-6 by the head), so each
+model's BatchNorm statistics are first recomputed on a random batch: that makes the random network
+behave like a trained one in scale, which is what the quantizer placement is tested against.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/model_zoo.py --out benchmarks/results/model_zoo
+
+Rows are appended to <out>.jsonl as they finish (a rerun skips models already there) and the
+Markdown table <out>.md is rewritten from all rows after each model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from brecq import BrecqConfig, quantize
+from brecq.quant.modules import QUANTIZABLE_LAYERS
+
+TIMM_MODELS = (
+    "efficientnet_b0", "tf_efficientnet_b0", "mobilenetv3_large_100", "ghostnet_100", "rexnet_100",
+    "regnety_002", "resnet26d", "dla34", "cspresnet50", "convnext_atto", "vit_tiny_patch16_224",
+    "deit_tiny_patch16_224", "levit_128s", "mobilevit_xxs", "edgenext_xx_small", "poolformer_s12",
+    "mixer_s16_224", "efficientformer_l1", "hrnet_w18_small", "swin_tiny_patch4_window7_224",
+)
+# Parameter counts of 300M and more: one-image batch and no reconstruction (CPU time and memory).
+HUGE = ("vit_h_14", "regnet_y_128gf")
+# Costly models run last so that a cut-short run still has every other row.
+LAST = ("vit_l", "vit_h", "regnet_y_32gf", "regnet_y_16gf", "regnet_y_128gf", "efficientnet_b7",
+        "efficientnet_b6", "efficientnet_v2_l", "convnext_large", "swin_v2_b", "swin_b", "maxvit")
+SIZES = (64, 96, 128, 224, 299)
+
+
+def build(name: str) -> nn.Module:
+    if name.startswith("timm/"):
+        return timm.create_model(name[5:], pretrained=False)
+    return torchvision.models.get_model(name, weights=None)
+
+
+@torch.no_grad()
+def smallest_input(model: nn.Module, batch: int) -> torch.Tensor:
+    for size in SIZES:
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+        try:
+            model(x[:1])
+        except Exception:  # noqa: BLE001 - too small for this model: try the next size
+            continue
+        return x
+    raise RuntimeError(f"no input size of {SIZES} works")
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the batches seen
+    model.train()
+    model(x)
+    model.eval()
+
+
+def weight_layers_used(model: nn.Module, x: torch.Tensor) -> int:
+    used = set()
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: used.add(n))
+               for n, m in model.named_modules()
+               if isinstance(m, (*QUANTIZABLE_LAYERS, nn.MultiheadAttention))]
+    with torch.no_grad():
+        model(x[:1])
+    for h in handles:
+        h.remove()
+    # out_proj of a MultiheadAttention is part of the attention layer, not a layer of its own
+    return len({n for n in used if not any(n.startswith(o + ".") for o in used)})
+
+
+def logits(output: object) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def run_one(name: str) -> dict:
+    short = name.removeprefix("timm/")
+    huge = short in HUGE
+    batch = 1 if huge else 4
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    model = build(name).eval()
+    params = sum(p.numel() for p in model.parameters())
+    x = smallest_input(model, max(batch, 2))
+    recompute_batchnorm(model, torch.randn(max(batch, 2), *x.shape[1:]))
+    x = x[:batch]
+    total = weight_layers_used(model, x)
+    with torch.no_grad():
+        ref = logits(model(x))
+    config = BrecqConfig(weight_bits=8, act_bits=8, method="rtn" if huge else "brecq", iters_w=2,
+                         iters_a=2, calib_size=x.shape[0], batch_size=x.shape[0],
+                         act_init_samples=x.shape[0], first_last_bits=None)
+    row = {"model": name, "params_m": round(params / 1e6, 1), "input": list(x.shape), "total": total}
+    try:
+        qmodel, _ = quantize(model, x, config)
+    except Exception as exc:  # noqa: BLE001 - the row records the failure
+        row.update(quantized=0, error=f"{type(exc).__name__}: {str(exc)[:300]}", recon="no")
+    else:
+        with torch.no_grad():
+            out = logits(qmodel(x))
+        row.update(
+            quantized=len(qmodel.layers), traced=qmodel.traced,
+            cosine=round(F.cosine_similarity(ref.flatten(1), out.flatten(1)).mean().item(), 4),
+            top1=round((ref.argmax(-1) == out.argmax(-1)).float().mean().item(), 3),
+            recon="skipped (rtn, huge model)" if huge else "yes",
+        )
+    row["seconds"] = round(time.perf_counter() - started, 1)
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| model | params (M) | input | layers quantized / used | traced | top-1 agree | cosine |"
+        " reconstruction | s |",
+        "|---|---:|---|---:|---|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        shape = "x".join(str(s) for s in r["input"])
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['params_m']} | {shape} | 0 / {r['total']} | - | - | - |"
+                         f" error: {r['error'][:120]} | {r['seconds']} |")
+            continue
+        lines.append(
+            f"| {r['model']} | {r['params_m']} | {shape} | {r['quantized']} / {r['total']} |"
+            f" {'fx' if r['traced'] else 'module tree'} | {r['top1']:.3f} | {r['cosine']:.4f} |"
+            f" {r['recon']} | {r['seconds']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/model_zoo")
+    parser.add_argument("--models", help="comma-separated subset (timm ones as timm/<name>)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    if args.models:
+        names = args.models.split(",")
+    else:
+        tv = torchvision.models.list_models(module=torchvision.models)
+        names = [n for n in tv if not any(n.startswith(p) for p in LAST)]
+        names += [f"timm/{n}" for n in TIMM_MODELS]
+        names += sorted((n for n in tv if any(n.startswith(p) for p in LAST)),
+                        key=lambda n: (n in HUGE, n))
+    jsonl, md = Path(args.out + ".jsonl"), Path(args.out + ".md")
+    jsonl.parent.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
+    done = {r["model"] for r in rows}
+    for name in names:
+        if name in done:
+            continue
+        row = run_one(name)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        with jsonl.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        order = {n: i for i, n in enumerate(names)}
+        md.write_text(markdown(sorted(rows, key=lambda r: order.get(r["model"], len(order)))))
+
+
+if __name__ == "__main__":
+    main()
