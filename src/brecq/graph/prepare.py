@@ -659,8 +659,8 @@ def _check_all_quantized(model: nn.Module, qmodel: QuantizedModel, called: list[
     if missing:
         raise ModelError(
             f"{len(missing)} weight layer(s) would stay in float: " + "; ".join(missing)
-            + ". Set float_layers (--float-layers) to these names, or '*', to keep them in float"
-            " on purpose"
+            + ". Name them (or fnmatch patterns) in float_layers (--float-layers) to keep them"
+            " in float on purpose"
         )
     unused = [n for n, m in modules.items() if _is_quantizable(m) and n not in called
               and n not in direct_reads and not any(n.startswith(q + ".") for q in quantized)]

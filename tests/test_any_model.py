@@ -1,0 +1,187 @@
+"""Any topology quantizes fully: untraceable submodules, library layer subclasses, functional
+batch norm, and a hard error (unless allowed) for a weight layer that would stay in float."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from brecq import BrecqConfig, ModelError, prepare, quantize
+from brecq.quant.modules import QuantLayer
+
+TINY = dict(iters_w=2, iters_a=2, calib_size=8, batch_size=4, act_init_samples=4, device="cpu",
+            scale_search="minmax")
+
+
+def _float_output_equal(qmodel, model, x):
+    with torch.no_grad(), qmodel.quantization(weights=False, acts=False):
+        return torch.allclose(qmodel(x), model(x), atol=1e-5)
+
+
+def _trained_like_batchnorms(model):
+    # Non-trivial statistics, so that folding them wrongly (or not at all) shows in the output.
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen))
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=gen))
+    return model.eval()
+
+
+class _DataDependent(nn.Module):
+    """A block whose forward branches on tensor values: torch.fx cannot trace into it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        if y.mean() > -1e30:
+            y = self.conv2(y)
+        return x + y
+
+
+class _NetWithUntraceableBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = _DataDependent()
+        self.tail = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 1))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.tail(self.block(self.stem(x))).mean((2, 3)))
+
+
+def test_untraceable_submodule_is_one_graph_node_and_its_layers_are_quantized(caplog):
+    model = _trained_like_batchnorms(_NetWithUntraceableBlock())
+    x = torch.randn(8, 3, 16, 16)
+    with caplog.at_level(logging.WARNING):
+        qmodel, _ = quantize(model, x, BrecqConfig(weight_bits=4, act_bits=8, **TINY))
+    assert "cannot trace into block" in caplog.text
+    assert qmodel.traced  # the rest of the model keeps producer-side quantizers and graph units
+    assert set(qmodel.layers) == {"stem.0", "block.conv1", "block.conv2", "tail.0", "tail.3", "head"}
+    assert {"block.conv1", "block.conv2"} <= set(qmodel.act_quantizers)  # quantized at the layer
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in qmodel.network.modules())  # all folded
+    assert _float_output_equal(qmodel, model, x)
+    unit = next(u for u in qmodel.units if "block.conv1" in u.layers)
+    assert unit.layers == ("block.conv1", "block.conv2")
+    assert {"block.conv1", "block.conv2"} <= set(unit.act_quantizers)
+
+
+class _SamePadConv(nn.Conv2d):
+    """A library-style Conv2d subclass that pads in its own forward, with Python control flow."""
+
+    def forward(self, x):
+        pad = max((x.shape[-1] + self.stride[0] - 1) // self.stride[0] * self.stride[0]
+                  - x.shape[-1] + self.kernel_size[0] - self.stride[0], 0)
+        if pad > 0:
+            x = F.pad(x, [pad // 2, pad - pad // 2, pad // 2, pad - pad // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class _BatchNormAct(nn.BatchNorm2d):
+    """A BatchNorm subclass that also applies an activation (like timm's BatchNormAct2d)."""
+
+    def forward(self, x):
+        return F.silu(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                   False, 0.0, self.eps))
+
+
+def test_layer_subclasses_keep_their_forward_and_functional_batchnorm_folds():
+    model = _trained_like_batchnorms(nn.Sequential(
+        _SamePadConv(3, 8, 5, stride=2), _BatchNormAct(8), _SamePadConv(8, 8, 5, stride=2),
+        _BatchNormAct(8), nn.Flatten(), nn.LazyLinear(4),
+    ))
+    x = torch.randn(4, 3, 15, 15)
+    model(x)  # materialize the lazy layer
+    qmodel = prepare(model, BrecqConfig(weight_bits=8, act_bits=8, scale_search="minmax"), (x,))
+    assert set(qmodel.layers) == {"0", "2", "5"}
+    graph = qmodel.network.graph
+    assert not any(n.target is F.batch_norm for n in graph.nodes)  # folded into the convs
+    assert any(n.target is F.silu for n in graph.nodes)  # ... and the activation kept
+    assert _float_output_equal(qmodel, model, x)
+    assert qmodel.layers["0"].custom_forward  # padding computed per input, as the model does
+
+
+def test_batchnorm_subclass_with_activation_is_not_folded_on_the_module_tree():
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 8, 3), _BatchNormAct(8)
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            if x.sum() > -1e30:
+                x = self.bn(self.conv(x))
+            return self.fc(x.mean((2, 3)))
+
+    model = _trained_like_batchnorms(Untraceable())
+    x = torch.randn(2, 3, 8, 8)
+    qmodel = prepare(model, BrecqConfig(weight_bits=8, act_bits=None), (x,))
+    assert not qmodel.traced
+    assert _float_output_equal(qmodel, model, x)
+
+
+class _FunctionalHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 4)
+        self.unused = nn.Linear(8, 8)  # never called: not an error
+
+    def forward(self, x):
+        return F.linear(self.conv(x).mean((2, 3)), self.fc.weight, self.fc.bias)
+
+
+def test_weight_layer_left_in_float_is_an_error_that_names_it_unless_allowed():
+    x = torch.randn(2, 3, 8, 8)
+    config = BrecqConfig(weight_bits=8, act_bits=8, scale_search="minmax")
+    with pytest.raises(ModelError, match=r"fc \(Linear\): the model's code reads its weight"
+                                         r".*float_layers"):
+        prepare(_FunctionalHead(), config, (x,))
+    for allowed in (("fc",), ("f?",)):
+        qmodel = prepare(_FunctionalHead(), config.replace(float_layers=allowed), (x,))
+        assert set(qmodel.layers) == {"conv"}
+    # An explicit skip list also keeps a layer that could be quantized in float.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3))
+    qmodel = prepare(model, config.replace(float_layers=("1",)), (x,))
+    assert set(qmodel.layers) == {"0"} and type(qmodel.network.get_submodule("1")) is nn.Conv2d
+
+
+def test_multihead_attention_with_separate_kv_sizes_is_named_in_the_error():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+            self.attn = nn.MultiheadAttention(8, 2, kdim=4, vdim=4, batch_first=True)
+
+        def forward(self, x):
+            kv = x[..., :4]
+            return self.attn(self.proj(x), kv, kv)[0]
+
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(ModelError, match=r"attn \(MultiheadAttention\): MultiheadAttention with"):
+        prepare(Attn(), BrecqConfig(), (x,))
+
+
+def test_float_layers_round_trips_json():
+    config = BrecqConfig(float_layers=("head", "blocks.*.fc"))
+    assert BrecqConfig.from_json(config.to_json()) == config
+
+
+def test_quantized_model_keeps_no_plain_weight_layer_in_the_forward():
+    model = _trained_like_batchnorms(_NetWithUntraceableBlock())
+    qmodel = prepare(model, BrecqConfig(weight_bits=8, act_bits=8), (torch.randn(2, 3, 16, 16),))
+    wrapped = {id(layer.layer) for layer in qmodel.layers.values() if isinstance(layer, QuantLayer)}
+    plain = [m for m in qmodel.network.modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in wrapped]
+    assert not plain
