@@ -2,7 +2,8 @@
 
 For each model: weight layers quantized / weight layers the forward pass uses, W8A8 output
 agreement with the float model on a fixed random batch (top-1 agreement and mean cosine of the
-logits), and whether BRECQ reconstruction ran (2 + 2 iterations). Random weights give degenerate
+logits), and whether BRECQ reconstruction ran (2 + 2 iterations). Scales are min-max (the Lp
+search costs minutes per large model on a shared CPU core). Random weights give degenerate
 activation scales (timm's EfficientNet init shrinks activations to ~1e-6 by the head), so each
 model's BatchNorm statistics are first recomputed on a random batch: that makes the random network
 behave like a trained one in scale, which is what the quantizer placement is tested against.
@@ -38,7 +39,7 @@ TIMM_MODELS = (
     "mixer_s16_224", "efficientformer_l1", "hrnet_w18_small", "swin_tiny_patch4_window7_224",
 )
 # Parameter counts of 300M and more: one-image batch and no reconstruction (CPU time and memory).
-HUGE = ("vit_h_14", "regnet_y_128gf")
+HUGE = ("vit_h_14", "regnet_y_128gf", "vit_l_16", "vit_l_32")
 # Costly models run last so that a cut-short run still has every other row.
 LAST = ("vit_l", "vit_h", "regnet_y_32gf", "regnet_y_16gf", "regnet_y_128gf", "efficientnet_b7",
         "efficientnet_b6", "efficientnet_v2_l", "convnext_large", "swin_v2_b", "swin_b", "maxvit")
@@ -61,6 +62,14 @@ def smallest_input(model: nn.Module, batch: int) -> torch.Tensor:
             continue
         return x
     raise RuntimeError(f"no input size of {SIZES} works")
+
+
+@torch.no_grad()
+def randomize_zero_layers(model: nn.Module) -> None:
+    """Zero-initialized weight layers (torchvision's ViT head) would make every output 0."""
+    for m in model.modules():
+        if isinstance(m, QUANTIZABLE_LAYERS) and not m.weight.any():
+            nn.init.normal_(m.weight, std=0.02)
 
 
 @torch.no_grad()
@@ -101,6 +110,7 @@ def run_one(name: str) -> dict:
     torch.manual_seed(0)
     model = build(name).eval()
     params = sum(p.numel() for p in model.parameters())
+    randomize_zero_layers(model)
     x = smallest_input(model, max(batch, 2))
     recompute_batchnorm(model, torch.randn(max(batch, 2), *x.shape[1:]))
     x = x[:batch]
@@ -109,7 +119,7 @@ def run_one(name: str) -> dict:
         ref = logits(model(x))
     config = BrecqConfig(weight_bits=8, act_bits=8, method="rtn" if huge else "brecq", iters_w=2,
                          iters_a=2, calib_size=x.shape[0], batch_size=x.shape[0],
-                         act_init_samples=x.shape[0], first_last_bits=None)
+                         act_init_samples=x.shape[0], first_last_bits=None, scale_search="minmax")
     row = {"model": name, "params_m": round(params / 1e6, 1), "input": list(x.shape), "total": total}
     try:
         qmodel, _ = quantize(model, x, config)
