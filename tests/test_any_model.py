@@ -173,6 +173,14 @@ def test_multihead_attention_with_separate_kv_sizes_is_named_in_the_error():
         prepare(Attn(), BrecqConfig(), (x,))
 
 
+def test_transposed_convolution_is_named_not_skipped_and_can_be_allowed():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.ConvTranspose2d(4, 3, 3))
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ModelError, match=r"2 \(ConvTranspose2d\): transposed convolutions"):
+        prepare(model, BrecqConfig(), (x,))
+    assert set(prepare(model, BrecqConfig(float_layers=("2",)), (x,)).layers) == {"0"}
+
+
 def test_float_layers_round_trips_json():
     config = BrecqConfig(float_layers=("head", "blocks.*.fc"))
     assert BrecqConfig.from_json(config.to_json()) == config

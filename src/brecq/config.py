@@ -118,8 +118,8 @@ class BrecqConfig:
     float_layers: tuple[str, ...] | None = field(
         default=None,
         metadata=_opt("--float-layers", "comma-separated names (or fnmatch patterns such as"
-                      " 'blocks.*.fc') of weight layers to leave in float; any other Conv/Linear that cannot be"
-                      " quantized stops prepare with an error"),
+                      " 'blocks.*.fc') of weight layers to leave in float; any other Conv/Linear"
+                      " that cannot be quantized stops prepare with an error"),
     )
     unit_names: tuple[str, ...] | None = field(
         default=None,

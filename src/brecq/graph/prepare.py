@@ -610,12 +610,17 @@ class _InputQuantized(nn.Module):
 # The "nothing left in float" check
 
 
+# Modules with weights the check looks for: the quantizable ones and those it must name as not
+# supported rather than leave in float silently.
+_WEIGHT_LAYERS = (*QUANTIZABLE_LAYERS, nn.MultiheadAttention, nn.modules.conv._ConvTransposeNd)
+
+
 def _called_weight_layers(model: nn.Module, example_inputs: tuple) -> list[str]:
-    """Names of the Conv/Linear/MultiheadAttention modules one forward pass calls, in order."""
+    """Names of the weight layers one forward pass calls, in order."""
     order: list[str] = []
     handles = []
     for name, module in model.named_modules():
-        if name and isinstance(module, QUANTIZABLE_LAYERS + (nn.MultiheadAttention,)):
+        if name and isinstance(module, _WEIGHT_LAYERS):
             def pre_hook(mod, args, name=name):  # noqa: ANN001
                 if name not in order:
                     order.append(name)
@@ -632,6 +637,8 @@ def _called_weight_layers(model: nn.Module, example_inputs: tuple) -> list[str]:
 def _float_reason(name: str, module: nn.Module, qmodel: QuantizedModel, read_directly: bool) -> str:
     if isinstance(module, nn.MultiheadAttention) and not module._qkv_same_embed_dim:
         return "MultiheadAttention with key/value sizes unlike the query is not supported"
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return "transposed convolutions are not supported"
     if read_directly:
         return ("the model's code reads its weight directly (e.g. F.linear(x, self.fc.weight)) "
                 "instead of calling the layer")
@@ -648,7 +655,7 @@ def _check_all_quantized(model: nn.Module, qmodel: QuantizedModel, called: list[
     missing = []
     for name in dict.fromkeys([*called, *sorted(n for n in direct_reads if n in modules)]):
         module = modules[name]
-        if not (_is_quantizable(module) or isinstance(module, nn.MultiheadAttention)):
+        if not isinstance(module, _WEIGHT_LAYERS):
             continue
         if name in quantized or _is_float_layer(name, config):
             continue
