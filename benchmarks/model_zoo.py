@@ -82,7 +82,7 @@ def recompute_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over the batches seen
-    model.train()
+        bn.train()  # only the BatchNorms: the rest (auxiliary heads, dropout) stays in eval
     model(x)
     model.eval()
 
@@ -187,7 +187,11 @@ def main() -> None:
     for name in names:
         if name in done:
             continue
-        row = run_one(name)
+        try:
+            row = run_one(name)
+        except Exception as exc:  # noqa: BLE001 - a model that fails before quantize is a row too
+            row = {"model": name, "params_m": 0, "input": [], "total": 0, "seconds": 0,
+                   "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         print(json.dumps(row), flush=True)
         rows.append(row)
         with jsonl.open("a") as f:

@@ -66,3 +66,15 @@ def test_accuracy_refuses_a_bad_override_value_before_running(capsys):
                        "--set", "round_lambda=-1"])
     assert exc.value.code == 2
     assert "round_lambda" in capsys.readouterr().err
+
+
+def test_model_zoo_row_and_table_for_a_small_model(tmp_path, monkeypatch):
+    import model_zoo
+
+    monkeypatch.setattr(sys, "argv", ["model_zoo.py", "--out", str(tmp_path / "zoo"),
+                                      "--models", "squeezenet1_1"])
+    model_zoo.main()
+    row = model_zoo.json.loads((tmp_path / "zoo.jsonl").read_text())
+    assert row["quantized"] == row["total"] == 26 and row["recon"] == "yes"
+    assert row["float_rel_err"] < 1e-4 and row["cosine"] > 0.9
+    assert "| squeezenet1_1 | 1.2 | 4x3x64x64 | 26 / 26 | fx |" in (tmp_path / "zoo.md").read_text()
