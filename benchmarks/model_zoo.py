@@ -100,6 +100,18 @@ def weight_layers_used(model: nn.Module, x: torch.Tensor) -> int:
     return len({n for n in used if not any(n.startswith(o + ".") for o in used)})
 
 
+@torch.no_grad()
+def sensitivity(model: nn.Module, x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative output change of the float model for a 1e-6 relative input perturbation.
+
+    Some random networks are chaotic (float32 rounding alone moves their output by tens of
+    percent): their agreement figures say nothing about the quantizer; this column shows which.
+    """
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    out = logits(model(x * (1 + 1e-6 * noise)))
+    return float(f"{((out - ref).norm() / ref.norm()).item():.1e}")
+
+
 def logits(output: object) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
 
@@ -119,10 +131,12 @@ def run_one(name: str) -> dict:
     total = weight_layers_used(model, x)
     with torch.no_grad():
         ref = logits(model(x))
+    row_sensitivity = sensitivity(model, x, ref)
     config = BrecqConfig(weight_bits=8, act_bits=8, method="rtn" if huge else "brecq", iters_w=2,
                          iters_a=2, calib_size=x.shape[0], batch_size=x.shape[0],
                          act_init_samples=x.shape[0], first_last_bits=None, scale_search="minmax")
-    row = {"model": name, "params_m": round(params / 1e6, 1), "input": list(x.shape), "total": total}
+    row = {"model": name, "params_m": round(params / 1e6, 1), "input": list(x.shape), "total": total,
+           "sensitivity": row_sensitivity}
     try:
         qmodel, _ = quantize(model, x, config)
     except Exception as exc:  # noqa: BLE001 - the row records the failure
@@ -143,21 +157,26 @@ def run_one(name: str) -> dict:
     return row
 
 
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0e}"
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| model | params (M) | input | layers quantized / used | traced | quant-off rel. err |"
-        " W8A8 top-1 agree | W8A8 cosine | reconstruction | s |",
-        "|---|---:|---|---:|---|---:|---:|---:|---|---:|",
+        " float sensitivity | W8A8 top-1 agree | W8A8 cosine | reconstruction | s |",
+        "|---|---:|---|---:|---|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
         shape = "x".join(str(s) for s in r["input"])
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['params_m']} | {shape} | 0 / {r['total']} | - | - | - | - |"
-                         f" error: {r['error'][:120]} | {r['seconds']} |")
+            lines.append(f"| {r['model']} | {r['params_m']} | {shape} | 0 / {r['total']} |"
+                         f" - | - | - | - | - | error: {r['error'][:120]} | {r['seconds']} |")
             continue
         lines.append(
             f"| {r['model']} | {r['params_m']} | {shape} | {r['quantized']} / {r['total']} |"
-            f" {'fx' if r['traced'] else 'module tree'} | {r['float_rel_err']:.0e} | {r['top1']:.2f} |"
+            f" {'fx' if r['traced'] else 'module tree'} | {r['float_rel_err']:.0e} |"
+            f" {_fmt(r.get('sensitivity'))} | {r['top1']:.2f} |"
             f" {r['cosine']:.4f} |"
             f" {r['recon']} | {r['seconds']} |"
         )
