@@ -161,6 +161,18 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.0e}"
 
 
+def fill_sensitivity(row: dict) -> None:
+    """The sensitivity column for a row written before the column existed (same model, input)."""
+    torch.manual_seed(0)
+    model = build(row["model"]).eval()
+    randomize_zero_layers(model)
+    x = smallest_input(model, max(row["input"][0], 2))
+    recompute_batchnorm(model, torch.randn(x.shape))
+    x = x[: row["input"][0]]
+    with torch.no_grad():
+        row["sensitivity"] = sensitivity(model, x, logits(model(x)))
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| model | params (M) | input | layers quantized / used | traced | quant-off rel. err |"
@@ -187,6 +199,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/model_zoo")
     parser.add_argument("--models", help="comma-separated subset (timm ones as timm/<name>)")
+    parser.add_argument("--fill-sensitivity", action="store_true",
+                        help="first add the sensitivity column to rows that lack it")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -203,6 +217,17 @@ def main() -> None:
     jsonl.parent.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
     done = {r["model"] for r in rows}
+    order = {n: i for i, n in enumerate(names)}
+
+    def write_table() -> None:
+        md.write_text(markdown(sorted(rows, key=lambda r: order.get(r["model"], len(order)))))
+
+    for row in rows:
+        if args.fill_sensitivity and "sensitivity" not in row and "error" not in row:
+            fill_sensitivity(row)
+            print(row["model"], row["sensitivity"], flush=True)
+            jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            write_table()
     for name in names:
         if name in done:
             continue
@@ -215,8 +240,7 @@ def main() -> None:
         rows.append(row)
         with jsonl.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        order = {n: i for i, n in enumerate(names)}
-        md.write_text(markdown(sorted(rows, key=lambda r: order.get(r["model"], len(order)))))
+        write_table()
 
 
 if __name__ == "__main__":
