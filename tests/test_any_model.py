@@ -271,3 +271,34 @@ def test_every_family_quantizes_every_layer_and_w8a8_stays_close_to_float(family
     # 8-bit noise on every weight and activation of a random network gives 0.95-1.0 here; a
     # misplaced quantizer, a wrong fold or a dropped activation gives 0.0-0.5 (measured).
     assert cosine > 0.9, f"{family}: cosine {cosine:.3f}"
+
+
+def test_model_with_an_untraceable_block_saves_and_loads_to_the_same_outputs(tmp_path):
+    from brecq import load_quantized, save_quantized
+
+    model = _trained_like_batchnorms(_NetWithUntraceableBlock())
+    x = torch.randn(8, 3, 16, 16)
+    config = BrecqConfig(weight_bits=4, act_bits=8, **TINY)
+    qmodel, _ = quantize(model, x, config)
+    save_quantized(qmodel, tmp_path, config=config)
+    loaded = load_quantized(_NetWithUntraceableBlock(), tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), qmodel(x), atol=1e-6)
+
+
+def test_conv_subclass_and_untraceable_block_export_to_onnx_matching_pytorch(tmp_path):
+    np = pytest.importorskip("numpy")
+    ort = pytest.importorskip("onnxruntime")
+    from brecq.export.onnx_qdq import export_onnx
+
+    same_pad = nn.Sequential(_SamePadConv(3, 8, 5, stride=2), _BatchNormAct(8),
+                             _SamePadConv(8, 8, 5, stride=2), nn.Flatten(), nn.Linear(128, 4))
+    for model, size in ((same_pad, 15), (_NetWithUntraceableBlock(), 16)):
+        model = _trained_like_batchnorms(model)
+        x = torch.randn(8, 3, size, size)
+        qmodel, _ = quantize(model, x, BrecqConfig(weight_bits=8, act_bits=8, **TINY))
+        path = export_onnx(qmodel.eval(), tmp_path / "m.onnx", x[:1])
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        with torch.no_grad():
+            ref = qmodel(x).numpy()
+        assert np.abs(session.run(None, {"input": x.numpy()})[0] - ref).max() < 1e-5

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -68,10 +69,22 @@ class QuantLayer(QuantizedWeights):
             bias = self.bias_quantizer(bias, self.weight_quantizer)
         if self.custom_forward:
             replaced = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+            if torch.jit.is_tracing():  # ONNX export: the stateless API refuses jit tracing
+                return _call_with_tensors(self.layer, replaced, x)
             return functional_call(self.layer, replaced, (x,))
         if isinstance(self.layer, nn.Linear):
             return F.linear(x, weight, bias)
         return self.layer._conv_forward(x, weight, bias)
+
+
+def _call_with_tensors(layer: nn.Module, tensors: dict[str, Tensor], x: Tensor) -> Tensor:
+    """Run `layer` with some of its parameters replaced by the given tensors for this call."""
+    saved = {name: layer._parameters[name] for name in tensors}
+    try:
+        layer._parameters.update(tensors)
+        return layer(x)
+    finally:
+        layer._parameters.update(saved)
 
 
 class QuantMultiheadAttention(QuantizedWeights):
