@@ -142,18 +142,25 @@ class _FunctionalHead(nn.Module):
         return F.linear(self.conv(x).mean((2, 3)), self.fc.weight, self.fc.bias)
 
 
-def test_weight_layer_left_in_float_is_an_error_that_names_it_unless_allowed():
+def test_weights_read_by_functional_code_are_quantized_through_their_quantizer():
     x = torch.randn(2, 3, 8, 8)
-    config = BrecqConfig(weight_bits=8, act_bits=8, scale_search="minmax")
-    with pytest.raises(ModelError, match=r"fc \(Linear\): the model's code reads its weight"
-                                         r".*float_layers"):
-        prepare(_FunctionalHead(), config, (x,))
-    for allowed in (("fc",), ("f?",)):
-        qmodel = prepare(_FunctionalHead(), config.replace(float_layers=allowed), (x,))
-        assert set(qmodel.layers) == {"conv"}
-    # An explicit skip list also keeps a layer that could be quantized in float.
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3))
-    qmodel = prepare(model, config.replace(float_layers=("1",)), (x,))
+    config = BrecqConfig(weight_bits=4, act_bits=None, scale_search="minmax")
+    model = _FunctionalHead().eval()
+    qmodel = prepare(model, config, (x,))
+    assert set(qmodel.layers) == {"conv", "fc"}  # not "unused"
+    assert [u.layers for u in qmodel.units] == [("conv",), ("fc",)]
+    with torch.no_grad():
+        assert _float_output_equal(qmodel, model, x)
+        with qmodel.quantization(weights=True, acts=False):
+            quantized = qmodel(x)
+        expected = F.linear(qmodel.layers["conv"](x).mean((2, 3)),
+                            qmodel.layers["fc"].weight_quantizer(model.fc.weight), model.fc.bias)
+    assert torch.allclose(quantized, expected, atol=1e-6)
+    # An explicit skip list keeps layers in float, called or read directly.
+    qmodel = prepare(model, config.replace(float_layers=("f?",)), (x,))
+    assert set(qmodel.layers) == {"conv"}
+    sequential = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3))
+    qmodel = prepare(sequential, config.replace(float_layers=("1",)), (x,))
     assert set(qmodel.layers) == {"0"} and type(qmodel.network.get_submodule("1")) is nn.Conv2d
 
 

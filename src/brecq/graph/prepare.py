@@ -381,11 +381,47 @@ def _quantize_inside(gm: fx.GraphModule, inner: dict[str, tuple[str, ...]], conf
             _set_submodule(gm, name, layer)
 
 
+def _quantize_direct_reads(gm: fx.GraphModule, original: dict[str, nn.Module], names: list[str],
+                           config: BrecqConfig, special: set[str],
+                           layers: dict[str, QuantizedWeights]) -> dict:
+    """Quantize the weights of layers the model's code reads directly (torchvision's Swin passes
+    `self.qkv.weight` to a function): the read goes through the layer's weight quantizer. The
+    activation such a function takes stays float: what it does with it is unknown here.
+
+    Returns {weight quantizer node target: (layer name,)} for unit planning. (The graph module
+    holds only the read attributes under such a path, so the layer comes from `original`.)
+    """
+    reads: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        owner, _, attr = node.target.rpartition(".") if node.op == "get_attr" else ("", "", "")
+        if attr in ("weight", "bias") and owner and owner not in names:
+            module = original.get(owner)
+            if isinstance(module, QUANTIZABLE_LAYERS) and not _is_float_layer(owner, config):
+                reads.setdefault(owner, []).append(node)
+    quantizer_nodes = {}
+    for name, nodes in reads.items():
+        layer = _quantized_layer(original[name], config, _layer_bits(name, config, special))
+        _set_submodule(gm, name, layer)
+        layers[name] = layer
+        for node in nodes:
+            node.target = f"{name}.layer.{node.target.rpartition('.')[2]}"
+            if node.target.endswith(".weight"):
+                with gm.graph.inserting_after(node):
+                    quantized = gm.graph.call_module(f"{name}.weight_quantizer", (node,))
+                quantized.meta.update(brecq_is_tensor=True,
+                                      nn_module_stack=dict(node.meta.get("nn_module_stack") or {}))
+                node.replace_all_uses_with(
+                    quantized, delete_user_cb=lambda user, q=quantized: user is not q)
+                quantizer_nodes[f"{name}.weight_quantizer"] = (name,)
+    return quantizer_nodes
+
+
 def _prepare_traced(
     gm: fx.GraphModule, config: BrecqConfig, example_inputs: tuple,
     unit_predicate: UnitPredicate | None, leaves: set[str] = frozenset(),
-    called: list[str] = (),
+    called: list[str] = (), original: dict[str, nn.Module] | None = None,
 ) -> QuantizedModel:
+    original = original if original is not None else dict(gm.named_modules())
     folded = fold_batchnorm_graph(gm)
     if leaves:
         # Inside modules fx could not trace, pairs come from one run (tensor identity).
@@ -424,6 +460,7 @@ def _prepare_traced(
 
     act_quantizers: dict[str, ActQuantizer] = {}
     _quantize_inside(gm, inner, config, special, layers, act_quantizers)
+    inner.update(_quantize_direct_reads(gm, original, names, config, special, layers))
     if config.act_bits is not None:
         producers: dict[fx.Node, set[str]] = {}
         for node in gm.graph.nodes:
@@ -714,7 +751,8 @@ def prepare(
                 ", ".join(sorted(leaves)), type(model).__name__,
             )
         direct_reads = {n.target.rpartition(".")[0] for n in traced.graph.nodes if n.op == "get_attr"}
-        qmodel = _prepare_traced(traced, config, example_inputs, unit_predicate, leaves, called)
+        qmodel = _prepare_traced(traced, config, example_inputs, unit_predicate, leaves, called,
+                                 dict(work.named_modules()))
     _check_all_quantized(work, qmodel, called, direct_reads, config)
     if len(example_inputs) == 1 and isinstance(example_inputs[0], Tensor):
         qmodel.example_input_shape = [1, *example_inputs[0].shape[1:]]
