@@ -309,3 +309,27 @@ def test_conv_subclass_and_untraceable_block_export_to_onnx_matching_pytorch(tmp
         with torch.no_grad():
             ref = qmodel(x).numpy()
         assert np.abs(session.run(None, {"input": x.numpy()})[0] - ref).max() < 1e-5
+
+
+def test_optional_inputs_left_out_take_their_defaults_so_blocks_are_still_found():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x, mask=None):
+            y = F.relu(self.fc1(x))
+            return x + self.fc2(F.scaled_dot_product_attention(y, y, y, attn_mask=mask))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(), Block()])
+
+        def forward(self, x, mask=None):  # like timm's ViT blocks: attn_mask=None threads through
+            for block in self.blocks:
+                x = block(x, mask)
+            return x
+
+    qmodel = prepare(Net(), BrecqConfig(act_bits=8), (torch.randn(2, 4, 8),))
+    assert [u.name for u in qmodel.units] == ["blocks.0", "blocks.1"]

@@ -214,6 +214,22 @@ class _LeafTracer(fx.Tracer):
             raise
 
 
+def _bind_defaults(gm: fx.GraphModule, given: int) -> None:
+    """Replace the optional inputs the example inputs leave out (timm's `attn_mask=None`) by their
+    defaults: a placeholder threaded through every block would leave no single-tensor cut."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in placeholders[given:]:
+        if node.args:  # has a default value
+            default = node.args[0]
+            for user in list(node.users):
+                user.args = fx.node.map_arg(user.args, lambda a, n=node, d=default: d if a is n else a)
+                user.kwargs = fx.node.map_arg(user.kwargs,
+                                              lambda a, n=node, d=default: d if a is n else a)
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+
+
 def _trace(model: nn.Module) -> tuple[fx.GraphModule, set[str]]:
     """Trace `model`, keeping whole each submodule fx cannot trace through; raises if the
     model's own forward is what fails."""
@@ -750,6 +766,7 @@ def prepare(
                 "weight layers quantized with their activation input at the layer",
                 ", ".join(sorted(leaves)), type(model).__name__,
             )
+        _bind_defaults(traced, len(example_inputs))
         direct_reads = {n.target.rpartition(".")[0] for n in traced.graph.nodes if n.op == "get_attr"}
         qmodel = _prepare_traced(traced, config, example_inputs, unit_predicate, leaves, called,
                                  dict(work.named_modules()))
