@@ -99,6 +99,16 @@ def weight_layers_used(model: nn.Module, x: torch.Tensor) -> int:
         model(x[:1])
     for h in handles:
         h.remove()
+    # Layers not called may still be used: code that reads their weight (torchvision's Swin
+    # passes qkv.weight to a function). Those get a gradient from the output.
+    others = {n: m for n, m in model.named_modules()
+              if isinstance(m, QUANTIZABLE_LAYERS) and n not in used}
+    if others:
+        for m in others.values():
+            m.weight.grad = None
+        logits(model(x[:1])).sum().backward()
+        used |= {n for n, m in others.items() if m.weight.grad is not None}
+        model.zero_grad(set_to_none=True)
     # out_proj of a MultiheadAttention is part of the attention layer, not a layer of its own
     return len({n for n in used if not any(n.startswith(o + ".") for o in used)})
 
@@ -165,7 +175,8 @@ def _fmt(value: float | None) -> str:
 
 
 def fill_sensitivity(row: dict) -> None:
-    """The sensitivity column for a row written before the column existed (same model, input)."""
+    """The sensitivity column for a row written before the column existed (same model, input),
+    and the used-layer count for rows counted before functional weight reads were."""
     torch.manual_seed(0)
     model = build(row["model"]).eval()
     randomize_zero_layers(model)
@@ -174,6 +185,7 @@ def fill_sensitivity(row: dict) -> None:
     x = x[: row["input"][0]]
     with torch.no_grad():
         row["sensitivity"] = sensitivity(model, x, logits(model(x)))
+    row["total"] = weight_layers_used(model, x)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -226,7 +238,8 @@ def main() -> None:
         md.write_text(markdown(sorted(rows, key=lambda r: order.get(r["model"], len(order)))))
 
     for row in rows:
-        if args.fill_sensitivity and "sensitivity" not in row and "error" not in row:
+        stale = "sensitivity" not in row or row.get("quantized", 0) > row["total"]
+        if args.fill_sensitivity and stale and "error" not in row:
             fill_sensitivity(row)
             print(row["model"], row["sensitivity"], flush=True)
             jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
