@@ -220,7 +220,8 @@ def test_save_without_example_input_uses_the_prepared_shape(tmp_path):
         assert torch.equal(loaded(calib), qmodel(calib))
 
 
-def test_onnx_holds_integer_biases_as_int32_codes_equal_to_pytorch(tmp_path):
+@pytest.mark.parametrize("backend,integer_biases", [("none", 2), ("onnxruntime", 3)])
+def test_onnx_holds_integer_biases_as_int32_codes_equal_to_pytorch(tmp_path, backend, integer_biases):
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from onnx import numpy_helper
@@ -229,7 +230,8 @@ def test_onnx_holds_integer_biases_as_int32_codes_equal_to_pytorch(tmp_path):
 
     torch.manual_seed(0)
     qmodel, _ = quantize(_tiny_model(), torch.randn(16, 3, 8, 8),
-                         BrecqConfig(weight_bits=4, act_bits=8, first_last_bits=None, **TINY))
+                         BrecqConfig(weight_bits=4, act_bits=8, first_last_bits=None,
+                                     backend=backend, **TINY))
     path = export_onnx(qmodel.eval(), tmp_path / "m.onnx", torch.randn(1, 3, 8, 8))
     graph = onnx.load(str(path)).graph
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
@@ -237,7 +239,7 @@ def test_onnx_holds_integer_biases_as_int32_codes_equal_to_pytorch(tmp_path):
     exported = []
     for node in graph.node:
         if node.op_type in ("Conv", "Gemm") and len(node.input) > 2:
-            if node.input[2] in inits:  # the first conv reads the float image: float bias
+            if node.input[2] in inits:  # backend none: the first conv reads the float image
                 assert inits[node.input[2]].dtype.name == "float32"
                 continue
             dq = dq_by_output[node.input[2]]
@@ -246,6 +248,7 @@ def test_onnx_holds_integer_biases_as_int32_codes_equal_to_pytorch(tmp_path):
             exported.append(torch.from_numpy(codes.astype("float32") * step))
     expected = [layer.bias_quantizer(layer.bias, layer.weight_quantizer).detach()
                 for layer in qmodel.layers.values() if layer.bias_quantizer is not None]
-    assert len(exported) == len(expected) == 2  # the second conv and the linear layer
+    # Backend none: the second conv and the linear layer; onnxruntime quantizes the input too.
+    assert len(exported) == len(expected) == integer_biases
     for got, want in zip(exported, expected):
         assert torch.equal(got, want)

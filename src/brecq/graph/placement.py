@@ -127,7 +127,8 @@ def backend_points(gm: fx.GraphModule, layer_nodes: set[fx.Node], last_layers: s
         elif _matches(node, gm, _POOL_MODULES, _POOL_FUNCTIONS, set()):
             wanted.update(_tensor_inputs(node)[:1])
     # A quantizer only the network output would read changes nothing (the output stays float).
-    wanted = {n for n in wanted if n.op != "get_attr" and any(u.op != "output" for u in n.users)}
+    wanted = {n for n in wanted if n in layer_inputs or (
+        _is_tensor(n) and n.op != "get_attr" and any(u.op != "output" for u in n.users))}
     own: list[fx.Node] = []
     reuse: dict[fx.Node, fx.Node] = {}
     quantized: set[fx.Node] = set()
