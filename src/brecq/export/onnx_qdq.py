@@ -211,10 +211,10 @@ def _fold_weight_quantize(model, int4: bool) -> int:  # noqa: ANN001
     from onnx import TensorProto, helper, numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
-    uses: dict[str, int] = {}
+    # The exporter shares equal constants (e.g. all-zero zero points) through Identity nodes.
     for node in model.graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
+        if node.op_type == "Identity" and node.input[0] in inits:
+            inits[node.output[0]] = inits[node.input[0]]
     folded, drop_nodes = 0, []
     for node in model.graph.node:
         if node.op_type != "QuantizeLinear" or not all(i in inits for i in node.input[:3]):

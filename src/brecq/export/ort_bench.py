@@ -93,7 +93,7 @@ def run_benchmark(float_path: str | Path, quant_path: str | Path, input_shape: l
     for size in dict.fromkeys((1, batch)):
         x = rng.standard_normal((size, *input_shape[1:]), dtype=np.float32)
         result["latency_ms"][f"batch_{size}"] = latency_ms(sessions, x, runs, warmup)
-    for size, timing in result["latency_ms"].items():
+    for timing in result["latency_ms"].values():
         timing["speedup_min"] = round(timing["float"]["min_ms"] / timing["quantized"]["min_ms"], 3)
     counts = optimized_op_counts(quant_path)
     result["quantized_ops"] = dict(sorted(counts.items()))
