@@ -108,3 +108,23 @@ def test_residual_model_agrees_with_pytorch_in_onnxruntime(tmp_path):
     agreement = (out.argmax(1) == ref.argmax(1)).mean()
     assert agreement >= 0.995, agreement
     assert np.abs(out - ref).max() <= 5e-2 * np.abs(ref).max()
+
+
+class _Concat(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.c = torch.nn.Conv2d(16, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.cat([torch.relu(self.a(x)), self.b(x)], 1)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.c(y)), 1)
+        return self.fc(torch.flatten(pooled, 1))
+
+
+def test_concat_of_differently_scaled_inputs_fuses(tmp_path):
+    counts, left = _float_ops_left(_Concat(), 16, tmp_path)
+    assert left == {}
+    assert counts["QLinearConcat"] == 1 and counts["QLinearConv"] == 3
