@@ -38,6 +38,7 @@ from .units import UnitPlan, UnitPredicate, plan_units
 logger = logging.getLogger(__name__)
 
 _INPUT = "<input>"
+_OUTPUT = "<output>"
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,23 @@ def _upstream_layers(start: fx.Node, layer_nodes: set[fx.Node]) -> set:
     return found
 
 
+def _downstream_layers(start: fx.Node, layer_nodes: set[fx.Node]) -> set:
+    """Layers (or the model output) that `start` reaches without crossing another layer."""
+    found, stack, seen = set(), list(start.users), set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in layer_nodes:
+            found.add(node.target)
+        elif node.op == "output":
+            found.add(_OUTPUT)
+        else:
+            stack.extend(node.users)
+    return found
+
+
 def _reaches_output(start: fx.Node, layer_nodes: set[fx.Node]) -> bool:
     stack, seen = list(start.users), set()
     while stack:
@@ -373,8 +391,11 @@ def _prepare_traced(
                 upstream = _upstream_layers(producer, layer_nodes)
                 feeds_last = bool(consumers & set(last))
                 after_first = bool(upstream) and upstream <= set(first)
+                # E.g. a pooling input that only the classifier reads on (backend placement).
+                downstream = _downstream_layers(producer, layer_nodes)
+                before_last = bool(downstream) and downstream <= set(last)
                 # The network input feeds the first layers: it is as wide as their weights.
-                if feeds_last or after_first or producer.op == "placeholder":
+                if feeds_last or after_first or before_last or producer.op == "placeholder":
                     bits = config.first_last_bits
             bits = config.act_layer_bits.get(producer.name, bits)
             quantizer = ActQuantizer(bits, symmetric=config.act_symmetric)
