@@ -212,8 +212,9 @@ def _placement_cost(args) -> dict:  # noqa: ANN001
     if args.limit:
         images, labels = images[:args.limit], labels[:args.limit]
     out = {}
-    for bits in ((4, 4), (8, 8)):
-        for backend in ("none", "onnxruntime"):
+    for label in args.placement_bits.split(","):
+        bits = tuple(int(v) for v in label.strip().upper().lstrip("W").split("A"))
+        for backend in args.placement_backends.split(","):
             qmodel, seconds = _brecq(model.eval(), calib, bits, args, backend)
             top1 = _top1(_torch_predictions(qmodel, images, quantized=True), labels)
             out[f"W{bits[0]}A{bits[1]} {backend}"] = {"pytorch_top1": top1, "recon_seconds": seconds}
@@ -241,9 +242,10 @@ def _markdown(result: dict) -> str:
         lines += ["", "| ResNet-20, PyTorch fake-quantized | backend none | backend onnxruntime |",
                   "|---|---|---|"]
         cost = result["placement_cost"]
-        for bits in ("W4A4", "W8A8"):
-            lines.append(f"| {bits} | {cost[f'{bits} none']['pytorch_top1']:.2f} | "
-                         f"{cost[f'{bits} onnxruntime']['pytorch_top1']:.2f} |")
+        for bits in dict.fromkeys(key.split()[0] for key in cost):
+            cells = [f"{cost[key]['pytorch_top1']:.2f}" if key in cost else "-"
+                     for key in (f"{bits} none", f"{bits} onnxruntime")]
+            lines.append(f"| {bits} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -258,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="evaluate on the first N images only")
     parser.add_argument("--torchvision", default="", help="comma-separated torchvision models")
     parser.add_argument("--placement-cost", action="store_true")
+    parser.add_argument("--placement-bits", default="W4A4,W8A8")
+    parser.add_argument("--placement-backends", default="none,onnxruntime")
     parser.add_argument("--skip-resnet20", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)

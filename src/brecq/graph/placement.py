@@ -21,6 +21,9 @@ reshape, slicing, zero padding, dropout at inference, ...) lies on that tensor's
 it reuses the same quantizer, which leaves its values unchanged (no extra rounding) and gives
 onnxruntime equal scales on both sides, so it drops the Q/DQ pair and moves int8 values.
 
+`prepare` gives the tensors no quantized layer reads 8 bits (int8 is what onnxruntime stores and
+adds them in); `act_bits` stays the width of what the layers multiply.
+
 Ops are recognized by their type or function (a table of operations, not of architectures).
 """
 

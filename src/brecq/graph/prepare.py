@@ -386,7 +386,9 @@ def _prepare_traced(
         _check_names(config.act_layer_bits, [p.name for p in own], "act_layer_bits")
         for producer in own:
             consumers = producers.get(producer, set())
-            bits = config.act_bits
+            # `act_bits` is the width of what layers multiply; a tensor only the backend needs
+            # quantized (e.g. a residual add input) is stored and added in int8 there anyway.
+            bits = config.act_bits if producer in producers else max(config.act_bits, 8)
             if config.first_last_bits is not None:
                 upstream = _upstream_layers(producer, layer_nodes)
                 feeds_last = bool(consumers & set(last))
