@@ -53,7 +53,9 @@ def test_round_trip_is_bit_exact_with_learned_rounding(tiny_w4a4, tmp_path, pack
     assert info["name"] == "tiny" and info["input_shape"] == [2, 3, 8, 8]
     assert {m["bits"] for m in info["quantized_weights"]} == {4}
     assert all(m["packed"] == pack for m in info["quantized_weights"])
-    assert {m["qmax"] for m in info["act_quantizers"]} == {15}
+    # A4 where layers read; the pooling input (no layer reads it) is 8-bit under the onnxruntime
+    # placement.
+    assert {m["qmax"] for m in info["act_quantizers"]} == {15, 255}
     assert info["size"]["artifact_bytes"] == (tmp_path / "quantized.safetensors").stat().st_size
 
 
@@ -252,3 +254,19 @@ def test_onnx_holds_integer_biases_as_int32_codes_equal_to_pytorch(tmp_path, bac
     assert len(exported) == len(expected) == integer_biases
     for got, want in zip(exported, expected):
         assert torch.equal(got, want)
+
+
+def test_artifact_without_backend_field_loads_with_the_research_placement(tmp_path):
+    """Artifacts saved before `backend` existed used layer-input quantizers only."""
+    torch.manual_seed(0)
+    config = BrecqConfig(weight_bits=4, act_bits=8, backend="none", **TINY)
+    x = torch.randn(16, 3, 8, 8)
+    qmodel, _ = quantize(_tiny_model(), x, config)
+    save_quantized(qmodel, tmp_path / "old", config=config, example_input=x[:1])
+    saved = json.loads((tmp_path / "old" / "config.json").read_text())
+    del saved["backend"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(saved))
+    loaded = load_quantized(_tiny_model(), tmp_path / "old")
+    assert sorted(loaded.act_quantizers) == sorted(qmodel.act_quantizers)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), qmodel(x))
