@@ -215,6 +215,9 @@ def make_config(method: str, bits: str, seed: int, args: argparse.Namespace) -> 
         weight_bits=wb, act_bits=ab, seed=seed, device=args.device, calib_size=args.calib_size,
         iters_w=args.iters_w, iters_a=args.iters_a, act_lr=args.act_lr,
         fisher_floor=args.fisher_floor, **METHODS[method],
+        # The research placement of the papers keeps these figures comparable with theirs
+        # (`--set backend=onnxruntime` measures the deployable placement).
+        backend="none",
     )
     return BrecqConfig(**{**fields, **args.overrides})
 

@@ -132,7 +132,7 @@ def _run_one(args: argparse.Namespace, model: torch.nn.Module, calib: torch.Tens
     config = BrecqConfig(
         weight_bits=uniform_bits, act_bits=8, method="brecq", granularity="block",
         iters_w=args.iters_w, iters_a=args.iters_a, calib_size=args.calib_size,
-        seed=seed, device=args.device, layer_bits=layer_bits,
+        seed=seed, device=args.device, layer_bits=layer_bits, backend="none",
     )
     log.info("=== %s (iters %d/%d, seed %d)", name, args.iters_w, args.iters_a, seed)
     started = time.perf_counter()

@@ -53,7 +53,9 @@ def test_round_trip_is_bit_exact_with_learned_rounding(tiny_w4a4, tmp_path, pack
     assert info["name"] == "tiny" and info["input_shape"] == [2, 3, 8, 8]
     assert {m["bits"] for m in info["quantized_weights"]} == {4}
     assert all(m["packed"] == pack for m in info["quantized_weights"])
-    assert {m["qmax"] for m in info["act_quantizers"]} == {15}
+    # A4 where layers read; the pooling input (no layer reads it) is 8-bit under the onnxruntime
+    # placement.
+    assert {m["qmax"] for m in info["act_quantizers"]} == {15, 255}
     assert info["size"]["artifact_bytes"] == (tmp_path / "quantized.safetensors").stat().st_size
 
 
@@ -220,7 +222,8 @@ def test_save_without_example_input_uses_the_prepared_shape(tmp_path):
         assert torch.equal(loaded(calib), qmodel(calib))
 
 
-def test_onnx_holds_integer_biases_as_int32_codes_equal_to_pytorch(tmp_path):
+@pytest.mark.parametrize("backend,integer_biases", [("none", 2), ("onnxruntime", 3)])
+def test_onnx_holds_integer_biases_as_int32_codes_equal_to_pytorch(tmp_path, backend, integer_biases):
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from onnx import numpy_helper
@@ -229,7 +232,8 @@ def test_onnx_holds_integer_biases_as_int32_codes_equal_to_pytorch(tmp_path):
 
     torch.manual_seed(0)
     qmodel, _ = quantize(_tiny_model(), torch.randn(16, 3, 8, 8),
-                         BrecqConfig(weight_bits=4, act_bits=8, first_last_bits=None, **TINY))
+                         BrecqConfig(weight_bits=4, act_bits=8, first_last_bits=None,
+                                     backend=backend, **TINY))
     path = export_onnx(qmodel.eval(), tmp_path / "m.onnx", torch.randn(1, 3, 8, 8))
     graph = onnx.load(str(path)).graph
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
@@ -237,7 +241,7 @@ def test_onnx_holds_integer_biases_as_int32_codes_equal_to_pytorch(tmp_path):
     exported = []
     for node in graph.node:
         if node.op_type in ("Conv", "Gemm") and len(node.input) > 2:
-            if node.input[2] in inits:  # the first conv reads the float image: float bias
+            if node.input[2] in inits:  # backend none: the first conv reads the float image
                 assert inits[node.input[2]].dtype.name == "float32"
                 continue
             dq = dq_by_output[node.input[2]]
@@ -246,6 +250,23 @@ def test_onnx_holds_integer_biases_as_int32_codes_equal_to_pytorch(tmp_path):
             exported.append(torch.from_numpy(codes.astype("float32") * step))
     expected = [layer.bias_quantizer(layer.bias, layer.weight_quantizer).detach()
                 for layer in qmodel.layers.values() if layer.bias_quantizer is not None]
-    assert len(exported) == len(expected) == 2  # the second conv and the linear layer
+    # Backend none: the second conv and the linear layer; onnxruntime quantizes the input too.
+    assert len(exported) == len(expected) == integer_biases
     for got, want in zip(exported, expected):
         assert torch.equal(got, want)
+
+
+def test_artifact_without_backend_field_loads_with_the_research_placement(tmp_path):
+    """Artifacts saved before `backend` existed used layer-input quantizers only."""
+    torch.manual_seed(0)
+    config = BrecqConfig(weight_bits=4, act_bits=8, backend="none", **TINY)
+    x = torch.randn(16, 3, 8, 8)
+    qmodel, _ = quantize(_tiny_model(), x, config)
+    save_quantized(qmodel, tmp_path / "old", config=config, example_input=x[:1])
+    saved = json.loads((tmp_path / "old" / "config.json").read_text())
+    del saved["backend"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(saved))
+    loaded = load_quantized(_tiny_model(), tmp_path / "old")
+    assert sorted(loaded.act_quantizers) == sorted(qmodel.act_quantizers)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), qmodel(x))

@@ -124,10 +124,14 @@ def test_first_and_last_layers_are_found_by_graph_and_kept_at_8_bits():
     bits = q.weight_quantizers()
     assert bits["conv1"].bits == 8 and bits["linear"].bits == 8 and bits["layer1.0.conv1"].bits == 2
     rows = {r["name"]: r for r in q.describe()}
-    # conv1's output activation and linear's input activation are 8-bit; the rest 4-bit.
+    # 8-bit: the network input, conv1's output, what only linear reads on (the pooling input,
+    # linear's input) and the 9 second-conv outputs, which only the residual adds read (int8
+    # there); the 9 block inputs and 9 first-conv outputs, read by convs, are 4-bit.
     assert set(rows["conv1"]["act_quantizers"].values()) == {8}
     assert set(rows["layer3.2"]["act_quantizers"].values()) == {4, 8}
-    assert sorted(q.act_quantizers[n].bits for n in q.act_quantizers).count(8) == 2
+    assert sorted(q.act_quantizers[n].bits for n in q.act_quantizers).count(8) == 13
+    research, _ = _units(cifar_resnet20(), weight_bits=2, act_bits=4, backend="none")
+    assert [q.bits for q in research.act_quantizers.values()].count(8) == 2  # input stays float
 
 
 def test_per_layer_overrides_and_disabling_first_last():

@@ -1,4 +1,4 @@
-"""Command line: `brecq quantize`, `brecq eval`, `brecq info` and `brecq search-bits`.
+"""Command line: `brecq quantize`, `eval`, `info`, `search-bits`, `export` and `bench`.
 
 The quantization flags are generated from `BrecqConfig`'s field metadata (flag, help, choices)
 and annotations, so the CLI and the Python API share one list of options. Values come from, in
@@ -523,6 +523,14 @@ def _quantize_and_report(args: argparse.Namespace, config: BrecqConfig, pipeline
         exported = str(out)
     else:
         logger.warning("brecq.export is not available: the quantized model was not saved")
+    onnx = None
+    if getattr(args, "export_format", None) == "onnx":
+        from .export.bench import bench_kwargs, benchmark_quantized, summary_lines
+
+        shape = [1, prep.channels, prep.crop, prep.crop]
+        onnx = benchmark_quantized(qmodel, model.eval(), shape, out, loader=val, **bench_kwargs(args))
+        for line in summary_lines(onnx):
+            print(line, flush=True)
     summary = report.to_dict()
     result = {
         "config": config.to_dict(),
@@ -538,6 +546,7 @@ def _quantize_and_report(args: argparse.Namespace, config: BrecqConfig, pipeline
         "device": str(device),
         "world_size": dist.world_size,
         "saved_model": exported,
+        "onnx": onnx,
     }
     _write_json(out / "report.json", result)
     print(f"Report written to {out / 'report.json'}" + (
@@ -874,6 +883,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "finished unit; pass the same model, data and quantization flags")
     run.add_argument("--skip-fp-eval", action="store_true",
                      help="do not evaluate the full-precision model")
+    run.add_argument("--export", dest="export_format", choices=("onnx",),
+                     help="also export OUT/model.onnx (QDQ) and OUT/model_float.onnx and put "
+                     "their onnxruntime latency, size and top-1 (as `brecq bench`) in report.json")
     add_config_arguments(q)
     q.set_defaults(func=_cmd_quantize)
 
@@ -930,10 +942,13 @@ def build_parser() -> argparse.ArgumentParser:
     sb.set_defaults(func=_cmd_search_bits)
 
     if importlib.util.find_spec("brecq.export.cli") is not None:
+        from .export.bench import add_bench_options, add_bench_subparser
         from .export.cli import add_export_subparser
 
         x = add_export_subparser(sub)
         _add_common(x)
+        _add_common(add_bench_subparser(sub))
+        add_bench_options(q)
     return parser
 
 

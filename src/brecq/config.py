@@ -26,6 +26,10 @@ SCALE_SEARCHES = ("lp", "minmax")
 WEIGHT_GRANULARITIES = ("channel", "tensor")
 RECON_LOOPS = ("fast", "eager")
 AUTOCASTS = ("none", "bf16", "fp16", "tf32")
+# Where activation quantizers go: "onnxruntime" adds the ones its integer kernels need (network
+# input, every layer output, residual add inputs/outputs, pooling and concat inputs); "none" puts
+# them only on the tensors quantized layers read (the research placement of the papers).
+BACKENDS = ("onnxruntime", "none")
 
 # Per-method default learning rate of the activation step sizes: BRECQ learns them alone after
 # the weights (4e-4 in the paper); QDrop learns them jointly with the rounding, more gently.
@@ -136,6 +140,13 @@ class BrecqConfig:
     )
     act_symmetric: bool = field(
         default=False, metadata=_opt("--a-symmetric", "symmetric activation quantization")
+    )
+    backend: str = field(
+        default="onnxruntime",
+        metadata=_opt("--backend", "place activation quantizers for this deployment backend:"
+                      " onnxruntime (also the network input, layer outputs and residual adds,"
+                      " so every conv/linear runs as an int8 kernel) or none (only layer"
+                      " inputs, as in the BRECQ/QDrop papers)", choices=BACKENDS),
     )
     integer_bias: bool = field(
         default=True,
@@ -248,6 +259,7 @@ class BrecqConfig:
             ("weight_granularity", WEIGHT_GRANULARITIES),
             ("recon_loop", RECON_LOOPS),
             ("autocast", AUTOCASTS),
+            ("backend", BACKENDS),
         ):
             value = getattr(self, name)
             if value not in allowed:

@@ -419,7 +419,11 @@ def load_quantized(
     """
     out = Path(out_dir).expanduser()
     info = read_model_info(out)
-    config = BrecqConfig.from_json(_require_file(out, CONFIG_FILE))
+    config_path = _require_file(out, CONFIG_FILE)
+    config = BrecqConfig.from_json(config_path)
+    if "backend" not in json.loads(config_path.read_text()):
+        # Artifacts written before the `backend` field existed used the research placement.
+        config = config.replace(backend="none")
     weights_path = _require_file(out, WEIGHTS_FILE)
     tensors = _read_tensors(weights_path)
     if example_inputs is None:

@@ -1,9 +1,11 @@
 """Export a quantized model as an ONNX QDQ graph (QuantizeLinear / DequantizeLinear pairs).
 
 Weights become integer initializers followed by a DequantizeLinear (per output channel, axis 0,
-or per tensor). They are stored as int8/uint8 holding the reduced range of < 8-bit weights, or,
-with `opset >= 21`, as int4/uint4 for weights of at most 4 bits. Learned (AdaRound) rounding is
-exported through its integer codes, so the graph dequantizes exactly the weights PyTorch uses.
+or per tensor). Weights of fewer than 8 bits are stored as int8 codes on their own grid (affine
+codes minus their zero point, zero point 0), which onnxruntime runs in its u8s8 integer kernels
+at int8 speed with low-bit accuracy; with `opset >= 21`, weights of at most 4 bits are stored as
+int4/uint4 instead (smaller files). Learned (AdaRound) rounding is exported through its integer
+codes, so the graph dequantizes exactly the weights PyTorch uses.
 
 Every activation quantizer becomes a per-tensor QuantizeLinear -> DequantizeLinear pair with
 uint8 storage (affine, codes 0..2^b-1) or int8 storage (symmetric, -2^(b-1)..2^(b-1)-1).
@@ -86,17 +88,24 @@ def _storage_dtype(qmin: int) -> torch.dtype:
 
 
 class _WeightQDQ(nn.Module):
-    """Stands in for a WeightQuantizer: QDQ of the (already dequantized) weight."""
+    """Stands in for a WeightQuantizer: QDQ of the (already dequantized) weight.
 
-    def __init__(self, quantizer: WeightQuantizer) -> None:
+    With `signed_codes`, an affine weight of fewer than 8 bits is written as its codes minus
+    the zero point (within -(2^b - 1) .. 2^b - 1, so int8 for b <= 7) with zero point 0: the
+    same values, in the int8 form onnxruntime's fast u8s8 integer kernels take.
+    """
+
+    def __init__(self, quantizer: WeightQuantizer, signed_codes: bool = True) -> None:
         super().__init__()
         self.qmin, self.qmax = quantizer.qmin, quantizer.qmax
         self.per_channel = quantizer.scale.dim() > 0 and quantizer.scale.numel() > 1
+        zero_point = quantizer.zero_point.detach().reshape(-1 if self.per_channel else ())
+        if signed_codes and self.qmin >= 0 and quantizer.bits < 8:
+            self.qmin, self.qmax = -128, 127
+            zero_point = torch.zeros_like(zero_point)
         self.register_buffer("scale", quantizer.scale.detach().reshape(-1 if self.per_channel else ())
                              .float().clone())
-        self.register_buffer("zero_point", quantizer.zero_point.detach()
-                             .reshape(-1 if self.per_channel else ())
-                             .to(_storage_dtype(self.qmin)).clone())
+        self.register_buffer("zero_point", zero_point.to(_storage_dtype(self.qmin)).clone())
 
     def forward(self, weight: Tensor) -> Tensor:
         axis = 0 if self.per_channel else None
@@ -159,11 +168,13 @@ def _replace_child(parent: nn.Module, child: nn.Module, new: nn.Module) -> None:
 
 
 @torch.no_grad()
-def qdq_network(qmodel: QuantizedModel) -> nn.Module:
+def qdq_network(qmodel: QuantizedModel, *, int4_weights: bool = False) -> nn.Module:
     """A CPU copy of the network with its quantizers replaced by QDQ-emitting modules.
 
     Each quantized weight is set to its dequantized value, so the copy computes what `qmodel`
-    computes (with weight and activation quantization on) and exports as a QDQ graph.
+    computes (with weight and activation quantization on) and exports as a QDQ graph. Affine
+    weights of fewer than 8 bits get signed int8 codes (see `_WeightQDQ`), except, with
+    `int4_weights`, those of at most 4 bits, which keep their unsigned codes for uint4 storage.
     """
     if not isinstance(qmodel, QuantizedModel):
         raise ModelError(f"export needs a QuantizedModel, got {type(qmodel).__name__}")
@@ -181,7 +192,8 @@ def qdq_network(qmodel: QuantizedModel) -> nn.Module:
         for _, weight, quantizer in list(owner.weight_quantizers()):
             codes = quantizer.int_weight(weight)
             weight.copy_((codes - quantizer.zero_point) * quantizer.scale)
-            _replace_child(owner, quantizer, _WeightQDQ(quantizer))
+            signed = not (int4_weights and quantizer.bits <= 4)
+            _replace_child(owner, quantizer, _WeightQDQ(quantizer, signed_codes=signed))
     for parent in list(net.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, ActQuantizer):
@@ -199,10 +211,10 @@ def _fold_weight_quantize(model, int4: bool) -> int:  # noqa: ANN001
     from onnx import TensorProto, helper, numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
-    uses: dict[str, int] = {}
+    # The exporter shares equal constants (e.g. all-zero zero points) through Identity nodes.
     for node in model.graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
+        if node.op_type == "Identity" and node.input[0] in inits:
+            inits[node.output[0]] = inits[node.input[0]]
     folded, drop_nodes = 0, []
     for node in model.graph.node:
         if node.op_type != "QuantizeLinear" or not all(i in inits for i in node.input[:3]):
@@ -265,7 +277,7 @@ def export_onnx(
 
     if opset < 13:
         raise ModelError(f"opset {opset} has no per-channel QuantizeLinear: use opset 13 or newer")
-    net = qdq_network(qmodel)
+    net = qdq_network(qmodel, int4_weights=opset >= _INT4_OPSET)
     example = example_input.detach().cpu()
     with torch.no_grad():
         sample_out = net(example)

@@ -33,11 +33,13 @@ from ..quant.modules import (
 )
 from ..quant.quantizers import ActQuantizer, WeightQuantizer
 from .fold_bn import fold_batchnorm_eager, fold_batchnorm_graph
+from .placement import BACKEND_NONE, backend_points
 from .units import UnitPlan, UnitPredicate, plan_units
 
 logger = logging.getLogger(__name__)
 
 _INPUT = "<input>"
+_OUTPUT = "<output>"
 
 
 @dataclass(frozen=True)
@@ -140,8 +142,11 @@ def _check_names(requested: dict | tuple | None, known: list[str], what: str) ->
 
 
 def _weight_quantizer(config: BrecqConfig, bits: int, weight: Tensor) -> WeightQuantizer:
+    # onnxruntime's fast integer kernels take int8 weights with zero point 0: 8-bit weights are
+    # symmetric for it; narrower affine codes minus their zero point fit int8 at export anyway.
+    symmetric = config.weight_symmetric or (config.backend != BACKEND_NONE and bits == 8)
     quantizer = WeightQuantizer(
-        bits, symmetric=config.weight_symmetric,
+        bits, symmetric=symmetric,
         per_channel=config.weight_granularity == "channel",
     )
     quantizer.calibrate(weight.detach(), config.scale_search, config.lp_norm)
@@ -276,6 +281,23 @@ def _upstream_layers(start: fx.Node, layer_nodes: set[fx.Node]) -> set:
     return found
 
 
+def _downstream_layers(start: fx.Node, layer_nodes: set[fx.Node]) -> set:
+    """Layers (or the model output) that `start` reaches without crossing another layer."""
+    found, stack, seen = set(), list(start.users), set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in layer_nodes:
+            found.add(node.target)
+        elif node.op == "output":
+            found.add(_OUTPUT)
+        else:
+            stack.extend(node.users)
+    return found
+
+
 def _reaches_output(start: fx.Node, layer_nodes: set[fx.Node]) -> bool:
     stack, seen = list(start.users), set()
     while stack:
@@ -303,13 +325,31 @@ def _quantize_biases(gm: fx.GraphModule, layer_nodes: set[fx.Node],
     sources: dict[str, set[str]] = {}
     for node in layer_nodes:
         value = node.args[0] if node.args else None
-        key = value.meta.get("brecq_act_quantizer") if isinstance(value, fx.Node) else None
+        key = value.meta.get("brecq_act_source") if isinstance(value, fx.Node) else None
         sources.setdefault(node.target, set()).add(key)
     for name, keys in sources.items():
         layer = layers[name]
         # A layer called on several tensors has no single input step: its bias stays float.
         if isinstance(layer, QuantLayer) and len(keys) == 1 and None not in keys:
             layer.quantize_bias(act_quantizers[next(iter(keys))])
+
+
+def _insert_quantizer(gm: fx.GraphModule, producer: fx.Node, key: str, owner: bool) -> None:
+    """Route every use of `producer` (except the network output) through quantizer `key`.
+
+    A reused quantizer (owner False) is called a second time on values already on its grid, so
+    it changes nothing; it is learned with the unit that owns it, not where it is reused.
+    """
+    with gm.graph.inserting_after(producer):
+        qnode = gm.graph.call_module(key + "_act_quant", (producer,))
+    qnode.meta["nn_module_stack"] = dict(producer.meta.get("nn_module_stack") or {})
+    qnode.meta["brecq_is_tensor"] = True
+    qnode.meta["brecq_act_source"] = key
+    if owner:
+        qnode.meta["brecq_act_quantizer"] = key
+    producer.replace_all_uses_with(
+        qnode, delete_user_cb=lambda user: user is not qnode and user.op != "output"
+    )
 
 
 def _build_unit_module(gm: fx.GraphModule, nodes: list[fx.Node], plan: UnitPlan):
@@ -482,30 +522,33 @@ def _prepare_traced(
         for node in gm.graph.nodes:
             if node in layer_nodes:
                 for value in _activation_inputs(node, layers[node.target]):
-                    if value.op not in ("placeholder", "get_attr"):
+                    if value.op != "get_attr":
                         producers.setdefault(value, set()).add(node.target)
-        _check_names(config.act_layer_bits, [p.name for p in producers], "act_layer_bits")
-        for producer, consumers in producers.items():
-            bits = config.act_bits
+        own, reuse = backend_points(gm, layer_nodes, set(last), list(producers), config.backend)
+        _check_names(config.act_layer_bits, [p.name for p in own], "act_layer_bits")
+        for producer in own:
+            consumers = producers.get(producer, set())
+            # `act_bits` is the width of what layers multiply; a tensor only the backend needs
+            # quantized (e.g. a residual add input) is stored and added in int8 there anyway.
+            bits = config.act_bits if producer in producers else max(config.act_bits, 8)
             if config.first_last_bits is not None:
                 upstream = _upstream_layers(producer, layer_nodes)
                 feeds_last = bool(consumers & set(last))
                 after_first = bool(upstream) and upstream <= set(first)
-                if feeds_last or after_first:
+                # E.g. a pooling input that only the classifier reads on (backend placement).
+                downstream = _downstream_layers(producer, layer_nodes)
+                before_last = bool(downstream) and downstream <= set(last)
+                # The network input feeds the first layers: it is as wide as their weights.
+                if feeds_last or after_first or before_last or producer.op == "placeholder":
                     bits = config.first_last_bits
             bits = config.act_layer_bits.get(producer.name, bits)
             quantizer = ActQuantizer(bits, symmetric=config.act_symmetric)
             key = producer.name
             gm.add_submodule(key + "_act_quant", quantizer)
             act_quantizers[key] = quantizer
-            with gm.graph.inserting_after(producer):
-                qnode = gm.graph.call_module(key + "_act_quant", (producer,))
-            qnode.meta["nn_module_stack"] = dict(producer.meta.get("nn_module_stack") or {})
-            qnode.meta["brecq_is_tensor"] = True
-            qnode.meta["brecq_act_quantizer"] = key
-            producer.replace_all_uses_with(
-                qnode, delete_user_cb=lambda user, q=qnode: user is not q and user.op != "output"
-            )
+            _insert_quantizer(gm, producer, key, owner=True)
+        for node, source in reuse.items():
+            _insert_quantizer(gm, node, source.name, owner=False)
         if config.integer_bias:
             _quantize_biases(gm, layer_nodes, layers, act_quantizers)
     gm.graph.lint()
@@ -564,6 +607,10 @@ def _prepare_module_tree(
 ) -> QuantizedModel:
     folded = fold_batchnorm_eager(model, example_inputs)
     logger.info("folded %d BatchNorm layers into the layers before them", folded)
+    if config.backend != BACKEND_NONE and config.act_bits is not None:
+        logger.warning("backend %r placement needs the torch.fx graph: without it only layer "
+                       "inputs are quantized, and an exported model runs partly in float",
+                       config.backend)
     order, io = _execution_order(model, example_inputs)
     modules = dict(model.named_modules())
     names = [n for n in order if _is_quantizable(modules[n]) and not _is_float_layer(n, config)]
