@@ -415,7 +415,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                          "give neither to run the offline MNIST demo")
     from .recon import pipeline
 
-    config = config_from_args(args)
+    requested = config_from_args(args)
+    # `--method auto` and the method-dependent defaults become concrete here, so that the first
+    # printed line, the report and a resumed run all name what actually runs.
+    config = requested.resolved()
     can_checkpoint = _supports_resume(pipeline)
     if args.resume is not None:
         if not can_checkpoint:
@@ -434,11 +437,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     with distributed.session(pipeline.resolve_device(config.device), config.dist_timeout) as dist:
         if not dist.is_main:
             logging.getLogger("brecq").setLevel(logging.WARNING)
-        return _quantize_and_report(args, config, pipeline, can_checkpoint, dist)
+        summary = requested.method_summary()
+        if dist.is_main:
+            print(f"Method: {summary}", flush=True)
+        return _quantize_and_report(args, config, pipeline, can_checkpoint, dist, summary)
 
 
 def _quantize_and_report(args: argparse.Namespace, config: BrecqConfig, pipeline: Any,
-                         can_checkpoint: bool, dist: DistContext) -> int:
+                         can_checkpoint: bool, dist: DistContext, method_summary: str) -> int:
     started = time.perf_counter()
     import torch
 
@@ -525,6 +531,7 @@ def _quantize_and_report(args: argparse.Namespace, config: BrecqConfig, pipeline
         logger.warning("brecq.export is not available: the quantized model was not saved")
     summary = report.to_dict()
     result = {
+        "method": method_summary,
         "config": config.to_dict(),
         "model": model_info,
         "data": {"dir": str(Path(args.data).expanduser().resolve()),
@@ -581,8 +588,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     if user_bits:
         print("Note: the demo sets the bit widths itself (W4A4 and W2A4); ignoring "
               + ", ".join(sorted(user_bits)), flush=True)
-    methods = [values["method"]] if "method" in values and values["method"] != "rtn" else list(
-        DEMO_METHODS)
+    # The demo compares the methods with their plain defaults; `auto` picks one of them.
+    methods = ([values["method"]] if values.get("method") in DEMO_METHODS else list(DEMO_METHODS))
     values.pop("method", None)
     base = BrecqConfig.from_dict(values)
     device = pipeline.resolve_device(base.device)
@@ -673,16 +680,38 @@ def _demo_table(fp: float, rows: list[dict], methods: Sequence[str]) -> str:
 # ------------------------------------------------------------------------- eval
 
 
+def _quantized_model(args: argparse.Namespace, export: Any, qdir: Path) -> tuple[Any, Any, str]:
+    """The float model a --quantized folder was made from: --model (and --weights) when given,
+    else the name recorded by `brecq quantize`. Returns (model, base preprocessing, name)."""
+    from .models import Preprocessing, build_model
+
+    info = export.read_model_info(qdir)
+    saved = info.get("preprocessing")
+    saved_prep = Preprocessing.from_dict(saved) if saved else None
+    if args.model is not None:
+        model, base_prep = _build(args)
+        return model, saved_prep or base_prep, args.model
+    name = info.get("name")
+    if not name:
+        raise UsageError(f"{qdir} does not record which model it holds (saved with "
+                         "brecq.save_quantized without model_info={'name': ...}): pass --model NAME "
+                         "(and --weights PATH if it needs a checkpoint)")
+    weights = info.get("weights")
+    if weights and not Path(weights).expanduser().is_file():
+        weights = None  # the folder holds every quantized tensor; float leftovers are rebuilt
+    model, base_prep = build_model(name, weights=weights, num_classes=info.get("num_classes"))
+    return model, saved_prep or base_prep, name
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
-    from .models import Preprocessing, build_model
     from .recon.pipeline import resolve_device
 
     if args.data is None:
         raise UsageError("eval needs --data DIR (a folder with val/<class>/ images)")
-    if (args.model is None) == (args.quantized is None):
-        raise UsageError("eval needs either --model NAME (full precision) or --quantized DIR "
-                         "(a model saved by `brecq quantize`)")
+    if args.model is None and args.quantized is None:
+        raise UsageError("eval needs --model NAME (full precision) or --quantized DIR "
+                         "(a model saved by `brecq quantize` or brecq.save_quantized)")
     device = resolve_device(args.device)
     if args.quantized is not None:
         export = _export_module()
@@ -693,12 +722,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if not qdir.is_dir():
             raise UsageError(f"--quantized {qdir} is not a folder: pass the --out folder of "
                              "`brecq quantize`")
-        info = export.read_model_info(qdir)
-        model, _ = build_model(info["name"], num_classes=info.get("num_classes"))
-        saved = info.get("preprocessing")
-        prep = _preprocessing(args, Preprocessing.from_dict(saved) if saved else None)
+        model, base_prep, name = _quantized_model(args, export, qdir)
+        prep = _preprocessing(args, base_prep)
         net = export.load_quantized(model, qdir)
-        what = f"{info['name']} (quantized, {qdir})"
+        what = f"{name} (quantized, {qdir})"
     else:
         model, base_prep = _build(args)
         prep = _preprocessing(args, base_prep)

@@ -377,7 +377,9 @@ def quantize(
     the same `checkpoint_dir` everywhere (rank 0 writes it). Every rank returns the same
     model, equal to a single-process run on the union of the shards up to float rounding.
     """
-    config = config or BrecqConfig()
+    # `auto` and the method-dependent defaults become concrete values: the report, the checkpoint
+    # and every step below see what actually runs.
+    config = (config or BrecqConfig()).resolved()
     device = resolve_device(config.device)
     if config.autocast == "tf32" and device.type != "cuda":
         raise ConfigError(f"autocast 'tf32' needs a CUDA device, not {device}: use --autocast bf16"
