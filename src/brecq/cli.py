@@ -164,7 +164,9 @@ def _config_option(field: dataclasses.Field, tp: Any) -> dict[str, Any]:
     if isinstance(default, tuple):
         default = list(default)
     shown = "none" if default is None else json.dumps(default) if isinstance(default, dict) else default
-    help_text = f"{meta['help']} (default: {shown})".replace("%", "%%")
+    # A help text that explains its default itself keeps it; others get it appended once.
+    help_text = (meta["help"] if "default:" in meta["help"]
+                 else f"{meta['help']} (default: {shown})").replace("%", "%%")
     kwargs: dict[str, Any] = {"dest": field.name, "default": None, "help": help_text}
     if base is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
@@ -203,19 +205,43 @@ def config_flags() -> dict[str, str]:
     return {f.metadata["flag"]: f.name for f in dataclasses.fields(BrecqConfig) if "flag" in f.metadata}
 
 
-def add_dataclass_arguments(group: Any, cls: type) -> None:
-    """One flag per field of the config dataclass `cls` that has a "flag" (defaults None)."""
+def add_dataclass_arguments(group: Any, cls: type,
+                            group_of: Callable[[str], Any] | None = None) -> None:
+    """One flag per field of the config dataclass `cls` that has a "flag" (defaults None), in
+    `group`, or in `group_of(field name)`."""
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         if "flag" in field.metadata:
-            group.add_argument(field.metadata["flag"], **_config_option(field, hints[field.name]))
+            target = group_of(field.name) if group_of is not None else group
+            target.add_argument(field.metadata["flag"], **_config_option(field, hints[field.name]))
+
+
+# `--help` sections, in this order.
+HELP_GROUPS = {
+    "model": "model",
+    "data": "data and preprocessing",
+    "quantization": "quantization (flags override --config, which overrides the defaults)",
+    "reconstruction": "reconstruction",
+    "runtime": "runtime",
+    "output": "output",
+}
+
+
+def _group(parser: argparse.ArgumentParser, key: str) -> Any:
+    """The `--help` section `key` of `parser`; all sections are made at the first call, so they
+    print in HELP_GROUPS order (empty ones are not printed)."""
+    groups = parser.__dict__.setdefault("_brecq_groups", {})
+    if not groups:
+        for name, title in HELP_GROUPS.items():
+            groups[name] = parser.add_argument_group(title)
+    return groups[key]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `--config`, `--bits-config` and one flag per BrecqConfig field to `parser`."""
-    group = parser.add_argument_group(
-        "quantization options (override --config, which overrides the defaults)"
-    )
+    from .config import FLAG_GROUPS
+
+    group = _group(parser, "quantization")
     group.add_argument(
         "--config", metavar="FILE.json",
         help="JSON file of BrecqConfig fields (as written to report.json under 'config')",
@@ -225,7 +251,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="per-layer weight bits from `brecq search-bits` ({\"bits\": {\"layer\": 4, ...}});"
         " --layer-bits entries override it",
     )
-    add_dataclass_arguments(group, BrecqConfig)
+    where = {name: key for key, names in FLAG_GROUPS.items() for name in names}
+    add_dataclass_arguments(group, BrecqConfig,
+                            lambda name: _group(parser, where.get(name, "quantization")))
 
 
 def given_dataclass_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
@@ -273,7 +301,7 @@ def config_from_args(
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
-    group = parser.add_argument_group("model and data")
+    group = _group(parser, "model")
     group.add_argument(
         "--model", metavar="NAME", required=required,
         help="torchvision name (resnet18), timm:NAME, cifar_resnet20/32/44/56, or "
@@ -288,7 +316,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = False
 
 def _add_data_arguments(parser: argparse.ArgumentParser, *, eval_batch: bool = True,
                         evaluation: bool = True) -> None:
-    group = parser.add_argument_group("data and preprocessing")
+    group = _group(parser, "data")
     group.add_argument(
         "--data", metavar="DIR",
         help="ImageNet-layout folder: DIR/train/<class>/* (calibration), DIR/val/<class>/* (eval)",
@@ -318,11 +346,12 @@ def _add_data_arguments(parser: argparse.ArgumentParser, *, eval_batch: bool = T
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="log details (-v) or debug details (-vv)")
-    parser.add_argument("-q", "--quiet", action="store_true",
-                        help="no progress bars or progress lines (warnings and results still print)")
-    parser.add_argument("--threads", type=_int, metavar="N",
+    group = _group(parser, "runtime")
+    group.add_argument("-v", "--verbose", action="count", default=0,
+                       help="log details (-v) or debug details (-vv)")
+    group.add_argument("-q", "--quiet", action="store_true",
+                       help="no progress bars or progress lines (warnings and results still print)")
+    group.add_argument("--threads", type=_int, metavar="N",
                         help="CPU threads for torch (default: torch's choice; the demo uses 1). "
                         "On a busy machine fewer threads can be much faster")
 
@@ -393,7 +422,10 @@ def _check_data(args: argparse.Namespace, model: Any, prep: Any, *,
     from .data import ImageFolderDataset, image_modes
 
     outputs = _model_outputs(model, prep)
+    # Both folders are scanned first: their errors (missing, empty class folder) come before
+    # any warning.
     val = ImageFolderDataset(args.data, "val")
+    train = ImageFolderDataset(args.data, "train") if calib_size is not None else None
     splits = [val]
     if outputs is not None and len(val.classes) != outputs:
         problem = (f"{val.root} has {len(val.classes)} class folders but the model outputs "
@@ -408,8 +440,7 @@ def _check_data(args: argparse.Namespace, model: Any, prep: Any, *,
     if args.eval_size is not None and args.eval_size > len(val):
         logger.warning("--eval-size %d asks for more images than %s holds: evaluating on all %d",
                        args.eval_size, val.root, len(val))
-    if calib_size is not None:
-        train = ImageFolderDataset(args.data, "train")
+    if train is not None and calib_size is not None:
         splits.append(train)
         if calib_size > len(train):
             logger.warning("--calib-size %d asks for more images than %s holds: calibrating on "
@@ -538,8 +569,6 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         if not dist.is_main:
             logging.getLogger("brecq").setLevel(logging.WARNING)
         summary = requested.method_summary()
-        if dist.is_main:
-            print(f"Method: {summary}", flush=True)
         if args.out is None:
             args.out = str(_timestamp_dir())
         try:
@@ -617,6 +646,7 @@ def _quantize_and_report(args: argparse.Namespace, config: BrecqConfig, pipeline
     logger.info("preprocessing: %s", prep)
     _check_data(args, model, prep, calib_size=config.calib_size,
                 act_init_samples=config.act_init_samples if config.act_bits is not None else None)
+    say(f"Method: {method_summary}", flush=True)
     # Every rank draws the same seeded calibration set and keeps its contiguous slice.
     calib = dist.shard(load_calibration(args.data, prep, num_samples=config.calib_size,
                                         seed=config.seed, strict=args.strict))
@@ -908,21 +938,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------- info
 
 
-def _bits_summary(bits: dict[str, int]) -> str:
-    if not bits:
-        return "-"
-    values = list(bits.values())
-    common = max(set(values), key=values.count)
-    others = [f"{n}:{b}" for n, b in bits.items() if b != common]
-    return str(common) + (f" ({', '.join(others)})" if others else "")
-
-
 def _cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from .graph.prepare import prepare
     from .progress import logger as progress_log
 
+    # What it is doing while slow, on a terminal (with -v also elsewhere): in a pipe or a log
+    # the output stays the table, or one error line.
+    status = progress_log.info if sys.stderr.isatty() else logger.info
     config = config_from_args(args)
     if args.model is None:
         from .demo import DemoResNet
@@ -930,7 +954,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         model, prep, name = DemoResNet().eval(), None, "demo:DemoResNet"
         size = args.input_size or (1, 28, 28)
     else:
-        progress_log.info("Building %s ...", args.model)
+        status("Building %s ...", args.model)
         model, base_prep = _build(args)
         name = args.model
         size = args.input_size
@@ -941,12 +965,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
             prep = _preprocessing(args, base_prep)
             size = (prep.channels, prep.crop, prep.crop)
     example = torch.zeros(1, *size)
-    progress_log.info("Preparing %s for quantization: tracing with torch.fx, folding BatchNorm, "
-                      "searching the initial weight scales ...", name)
+    status("Preparing %s for quantization: tracing with torch.fx, folding BatchNorm, searching "
+           "the initial weight scales ...", name)
     started = time.perf_counter()
     qmodel = prepare(model, config, (example,))
-    progress_log.info("Prepared in %.1fs", time.perf_counter() - started)
-    rows = qmodel.describe()
+    status("Prepared in %.1fs", time.perf_counter() - started)
+    rows = qmodel.describe_rows()
 
     total = sum(layer.num_weight_params for layer in qmodel.layers.values())
     print(f"Model {name}: input {'x'.join(map(str, size))}, {len(qmodel.layers)} quantized layers, "
@@ -954,19 +978,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"Config: {config.label}, granularity {config.granularity}, first/last bits "
           f"{config.first_last_bits if config.first_last_bits is not None else 'as others'}"
           + ("" if qmodel.traced else "  (not traceable by torch.fx: module-tree fallback)"))
+    print(f"Method: {config.method_summary()}")
     print(f"First layers: {', '.join(qmodel.first_layers) or '-'}")
     print(f"Last layers:  {', '.join(qmodel.last_layers) or '-'}")
     print(f"{len(rows)} reconstruction units:")
-    table = [["#", "unit", "kind", "layers", "params", "weight bits", "act quantizers (bits)"]]
-    for i, row in enumerate(rows):
-        acts = ", ".join(f"{n}:{b}" for n, b in row["act_quantizers"].items()) or "-"
-        table.append([str(i), row["name"], row["kind"], str(len(row["layers"])),
-                      f"{row['params']:,}", _bits_summary(row["weight_bits"]), acts])
-    widths = [max(len(r[c]) for r in table) for c in range(len(table[0]) - 1)]
-    for r in table:
-        cells = [r[c].rjust(widths[c]) if c in (0, 3, 4) else r[c].ljust(widths[c])
-                 for c in range(len(widths))]
-        print("  ".join([*cells, r[-1]]).rstrip())
+    print(qmodel.describe())
     if args.layers:
         print("Layers:")
         for unit in qmodel.units:
@@ -1063,7 +1079,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(q)
     _add_model_arguments(q)
     _add_data_arguments(q)
-    run = q.add_argument_group("run")
+    run = _group(q, "output")
     run.add_argument("--out", metavar="DIR",
                      help="output folder for report.json and the quantized model "
                      "(default: runs/<timestamp>)")
@@ -1083,8 +1099,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(e)
     _add_model_arguments(e)
-    e.add_argument("--quantized", metavar="DIR", help="folder written by `brecq quantize --out`")
-    e.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
+    _group(e, "model").add_argument(
+        "--quantized", metavar="DIR",
+        help="folder written by `brecq quantize --out` or brecq.save_quantized (with --model"
+        " NAME when the folder does not record its model)")
+    _group(e, "runtime").add_argument("--device", default="auto",
+                                      help="cpu, cuda, cuda:1, mps or auto (default: auto)")
     _add_data_arguments(e)
     e.set_defaults(func=_cmd_eval)
 
@@ -1095,7 +1115,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(i)
     _add_model_arguments(i)
-    pre = i.add_argument_group("input")
+    pre = _group(i, "data")
     pre.add_argument("--input-size", type=_ints, metavar="C,H,W",
                      help="example input shape (default: from the model's preprocessing)")
     pre.add_argument("--resize", type=_int, help=argparse.SUPPRESS)
@@ -1103,7 +1123,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--mean", type=_floats, metavar="M,M,M", help="normalization mean")
     pre.add_argument("--std", type=_floats, metavar="S,S,S", help="normalization std")
     pre.add_argument("--interpolation", help=argparse.SUPPRESS)
-    i.add_argument("--layers", action="store_true", help="also list every layer with its bits")
+    _group(i, "output").add_argument("--layers", action="store_true",
+                                     help="also list every layer with its bits")
     add_config_arguments(i)
     i.set_defaults(func=_cmd_info)
 
@@ -1119,7 +1140,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(sb)
     _add_model_arguments(sb, required=True)
     _add_data_arguments(sb, evaluation=False)
-    run = sb.add_argument_group("run")
+    run = _group(sb, "output")
     run.add_argument("--out", metavar="DIR", required=True,
                      help="output folder for bits.json, pareto.json/png and sensitivity.json")
     run.add_argument("--sensitivity-cache", metavar="FILE",

@@ -68,6 +68,17 @@ def auto_rule(weight_bits: int, act_bits: int | None) -> AutoRule:
                 if r.low_bit_acts == low_bit_acts and weight_bits <= r.max_weight_bits)
 
 
+# Where each field's flag appears in `--help`; fields not listed are "quantization" options.
+FLAG_GROUPS = {
+    "reconstruction": ("granularity", "loss", "fisher_floor", "iters_w", "iters_a", "calib_size",
+                       "batch_size", "unit_names", "weight_lr", "act_lr", "round_lambda",
+                       "beta_start", "beta_end", "warmup", "act_loss_p", "drop_prob",
+                       "act_init_samples", "early_stop", "seed"),
+    "runtime": ("device", "cache_device", "cache_budget_gb", "recon_loop", "compile", "autocast",
+                "channels_last", "cuda_graph", "dist_timeout"),
+}
+
+
 def _opt(flag: str, help_text: str, **extra: Any) -> dict[str, Any]:
     return {"flag": flag, "help": help_text, **extra}
 

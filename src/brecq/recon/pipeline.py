@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from ..distributed import SINGLE_PROCESS, DistContext, current
 from ..errors import ConfigError, DataError, ModelError, ReconstructionError
 from ..graph.prepare import QuantizedModel, Unit, prepare
 from ..quant import state
+from ..text import format_table
 from .cache import ActivationCache
 from .checkpoint import RunCheckpoint
 from .reconstruct import (
@@ -73,12 +75,30 @@ class QuantizationReport:
             "recon_seconds": self.recon_seconds,
         }
 
-    def log(self) -> None:
-        for u in self.units:
-            logger.info(
-                "%-32s %-6s %-11s %8d params  loss %.5g -> %.5g  %.1fs", u.name, u.kind, u.phase,
-                u.params, u.loss_before, u.loss_after, u.seconds,
-            )
+    def summary(self) -> str:
+        """A printable table: per unit and pass, parameters, loss before and after, time."""
+        rows = [[u.name, u.kind, u.phase, f"{u.params:,}", f"{u.loss_before:.5g}",
+                 f"{u.loss_after:.5g}", f"{u.iterations:,}", f"{u.seconds:.1f}"] for u in self.units]
+        table = format_table(["unit", "kind", "pass", "params", "loss before", "loss after",
+                              "iterations", "seconds"], rows, right=(3, 4, 5, 6, 7))
+        method = {"brecq": "BRECQ", "qdrop": "QDrop", "rtn": "round-to-nearest"}.get(
+            self.config.get("method"), self.config.get("method"))
+        bits = f"W{self.config.get('weight_bits')}A{self.config.get('act_bits') or 32}"
+        return (f"{method} {bits}: {len(self.units)} unit passes in {self.recon_seconds:.1f}s on "
+                f"{self.device or '?'}\n{table}")
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def log(self, level: int = logging.INFO) -> str:
+        """Log the summary table, or write it to stderr when logging is not set up (no handler
+        anywhere), so that it shows either way; returns it."""
+        table = self.summary()
+        if logger.hasHandlers():
+            logger.log(level, "%s", table)
+        else:
+            sys.stderr.write(table + "\n")
+        return table
 
 
 def resolve_device(name: str) -> torch.device:
