@@ -642,10 +642,10 @@ def _quantize_and_report(args: argparse.Namespace, config: BrecqConfig, pipeline
     model, base_prep = _build(args)
     prep = _preprocessing(args, base_prep)
     device = pipeline.resolve_device(config.device)
-    out = _make_out_dir(args.out) if dist.is_main else Path(args.out).expanduser()
     logger.info("preprocessing: %s", prep)
     _check_data(args, model, prep, calib_size=config.calib_size,
                 act_init_samples=config.act_init_samples if config.act_bits is not None else None)
+    out = _make_out_dir(args.out) if dist.is_main else Path(args.out).expanduser()
     say(f"Method: {method_summary}", flush=True)
     # Every rank draws the same seeded calibration set and keeps its contiguous slice.
     calib = dist.shard(load_calibration(args.data, prep, num_samples=config.calib_size,

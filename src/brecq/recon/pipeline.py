@@ -384,7 +384,7 @@ def _announce_plan(qmodel: QuantizedModel, config: BrecqConfig, checkpoint: RunC
     """Log the run's plan (units, passes, iterations); return its iteration counter."""
     units = len(qmodel.units)
     if config.method == "qdrop":
-        passes = [("joint", "rounding + step sizes", config.iters_w)]
+        passes = [("joint", "joint", config.iters_w)]
     elif config.method == "brecq":
         passes = [("weights", "rounding", config.iters_w)]
         if qmodel.act_quantizers:
