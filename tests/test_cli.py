@@ -278,7 +278,8 @@ def test_info_lists_cifar_resnet20_units(capsys):
     assert "W2A4" in out and "21 quantized layers" not in out
     assert main(["info", "--model", "cifar_resnet20", "--granularity", "stage"]) == 0
     out = capsys.readouterr().out
-    assert "layer1.0" not in out.split("reconstruction units:")[1]
+    rows = out.split("reconstruction units:")[1].strip().splitlines()[2:]  # after header, rule
+    assert [row.split()[1] for row in rows] == ["conv1", "layer1", "layer2", "layer3", "linear"]
 
 
 def test_info_with_input_size_and_layer_bits(capsys):

@@ -385,3 +385,27 @@ def test_auto_weight_only_run_reports_brecq_with_the_chosen_regularizer(data, tm
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["method"] == "brecq" and report["config"]["round_lambda"] == 0.03
     assert report["method"] == first.removeprefix("Method: ")
+
+
+def test_artifact_with_fx_node_names_still_loads(tmp_path):
+    """Folders saved before quantizers were named after modules list fx node names."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    from brecq.models import build_model
+
+    model, _ = build_model("cifar_resnet20")
+    config = BrecqConfig(method="rtn", act_bits=4, calib_size=8, act_init_samples=8, device="cpu")
+    qmodel, _ = brecq.quantize(model, torch.randn(8, 3, 32, 32), config)
+    brecq.save_quantized(qmodel, tmp_path, config=config, example_input=torch.zeros(1, 3, 32, 32))
+    info = json.loads((tmp_path / "model.json").read_text())
+    tensors = safetensors.load_file(tmp_path / "quantized.safetensors")
+    for entry in info["act_quantizers"]:  # the old name: the quantizer module minus its suffix
+        old = entry["quantizer"].removesuffix("_act_quant")
+        for part in ("scale", "zero_point"):
+            tensors[f"act/{old}/{part}"] = tensors.pop(f"act/{entry['name']}/{part}")
+        entry["name"] = old
+    assert "relu_1" in {e["name"] for e in info["act_quantizers"]}
+    (tmp_path / "model.json").write_text(json.dumps(info))
+    safetensors.save_file(tensors, tmp_path / "quantized.safetensors")
+    loaded = brecq.load_quantized(build_model("cifar_resnet20")[0], tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded(x), qmodel.cpu().eval()(x))
