@@ -236,6 +236,8 @@ def test_progress_lines_in_a_pipe_and_none_with_quiet(data, tmp_path):
     plan = [line for line in err if line.startswith("Plan: QDrop W2A4, 3 units: 3 x 4 joint iterations")]
     units = [line for line in err if line.startswith("joint unit ")]
     assert len(plan) == 1 and len(units) == 3, proc.stderr
+    assert err.index(plan[0]) < err.index(units[0]) < err.index(
+        next(line for line in err if line.startswith("Time estimate after the first unit")))
     assert "loss" in units[0] and "left" in units[0]
     assert "it/s" not in proc.stderr  # no bar in a pipe
     quiet = _run(*args, "-q", "--out", str(tmp_path / "b"))
@@ -265,7 +267,7 @@ def test_progress_bar_on_a_terminal(data, tmp_path):
     text = b"".join(chunks).decode(errors="replace")
     assert "j 1/3" in text and "4/4" in text and "loss=" in text, text
     assert "joint unit 1/3" not in text  # the bar replaces the line on a terminal
-    assert "Plan: QDrop W2A4" in text
+    assert "Plan: QDrop W2A4" in text and "Time estimate after the first unit: about" in text
 
 
 def test_info_says_what_it_does_with_v():

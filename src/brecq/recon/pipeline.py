@@ -332,6 +332,7 @@ def _reconstruct_pass(
                                  result.loss_after, time.perf_counter() - started,
                                  result.iterations)
         report.units.append(unit_report)
+        first = run_progress.done == 0
         run_progress.add(iters, unit_report.seconds)
         if dist.is_main:
             peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
@@ -342,6 +343,9 @@ def _reconstruct_pass(
                 len(qmodel.units), unit.name, result.loss_before, result.loss_after,
                 result.iterations, unit_report.seconds, peak,
                 f"; about {progress.minutes(left)} left" if left else "")
+            if first and left:
+                progress.logger.info("Time estimate after the first unit: about %s more",
+                                     progress.minutes(left))
         checkpoint.mark_done(phase, k, qmodel, report, generator)
 
 
