@@ -25,7 +25,7 @@ from brecq.quant import quantizers
 # process (Adam's steps are as large as the smallest scales), so only the rounding and the
 # initial scales can be compared with a one-process run.
 EXACT = dict(weight_bits=2, act_bits=4, iters_w=24, iters_a=0, calib_size=16, batch_size=4,
-             act_init_samples=16, loss="fisher", device="cpu", seed=1)
+             act_init_samples=16, loss="fisher", device="cpu", seed=1, method="brecq")
 # QDrop learns step sizes and draws random masks, differently on every rank: the ranks must
 # still end with identical parameters.
 QDROP = dict(EXACT, method="qdrop", loss="mse", iters_w=12)

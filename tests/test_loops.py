@@ -9,6 +9,7 @@ from brecq.recon.cache import ActivationCache
 
 TINY = dict(weight_bits=2, act_bits=4, calib_size=32, batch_size=8, act_init_samples=16,
             device="cpu")
+BRECQ = dict(TINY, method="brecq")  # the two-pass method (the default, auto, runs QDrop at W2A4)
 
 
 class _Residual(nn.Module):
@@ -80,7 +81,7 @@ def test_cuda_graph_step_logic_matches_the_fast_loop(resnet_and_data, method, mo
 
 def test_channels_last_changes_layout_not_results(resnet_and_data):
     model, calib = resnet_and_data
-    config = BrecqConfig(iters_w=12, iters_a=6, **TINY)
+    config = BrecqConfig(iters_w=12, iters_a=6, **BRECQ)
     plain, plain_report = quantize(model, calib, config)
     nhwc, nhwc_report = quantize(model, calib, config.replace(channels_last=True))
     a, b = _params(plain), _params(nhwc)
@@ -107,7 +108,7 @@ def test_tf32_without_cuda_is_a_config_error(resnet_and_data):
 
 def test_early_stop_ends_converged_step_size_passes_only(resnet_and_data):
     model, calib = resnet_and_data
-    config = BrecqConfig(iters_w=1000, iters_a=3000, early_stop=0.5, **TINY)
+    config = BrecqConfig(iters_w=1000, iters_a=3000, early_stop=0.5, **BRECQ)
     _, report = quantize(model, calib, config.replace(granularity="net"))
     by_phase = {u.phase: u for u in report.units}
     assert by_phase["weights"].iterations == 1000  # annealed rounding always runs to the end
@@ -143,7 +144,7 @@ def test_cache_serves_batches_from_where_it_stored_them():
 def test_step_sizes_that_fit_worse_are_not_kept(resnet_and_data):
     model, calib = resnet_and_data
     # A learning rate this large throws the step sizes far off their Lp initialization.
-    config = BrecqConfig(iters_w=5, iters_a=20, act_lr=5.0, **TINY)
+    config = BrecqConfig(iters_w=5, iters_a=20, act_lr=5.0, **BRECQ)
     _, report = quantize(model, calib, config)
     acts = [u for u in report.units if u.phase == "activations" and u.iterations > 0]
     assert acts

@@ -14,7 +14,7 @@ from brecq import BrecqConfig, CheckpointError, quantize
 from brecq.demo import DemoResNet
 
 CONFIG = dict(weight_bits=2, act_bits=4, iters_w=100, iters_a=50, calib_size=16, batch_size=4,
-              act_init_samples=8, device="cpu", seed=3)
+              act_init_samples=8, device="cpu", seed=3, method="brecq")
 
 SCRIPT = textwrap.dedent(
     """

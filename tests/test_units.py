@@ -64,7 +64,7 @@ def test_blocks_are_the_residual_blocks_and_inverted_residuals(builder, blocks, 
 def test_every_unit_reconstructs_without_error(builder):
     model = builder().eval()
     calib = torch.randn(8, 3, 32, 32)
-    qmodel, report = quantize(model, calib, BrecqConfig(weight_bits=4, act_bits=4, **TINY))
+    qmodel, report = quantize(model, calib, BrecqConfig(weight_bits=4, act_bits=4, method="brecq", **TINY))
     phases = {(u.name, u.phase) for u in report.units}
     for unit in qmodel.units:
         assert (unit.name, "weights") in phases and (unit.name, "activations") in phases
@@ -121,9 +121,9 @@ def test_unit_names_and_predicate_override_discovery():
 def test_first_and_last_layers_are_found_by_graph_and_kept_at_8_bits():
     q, units = _units(cifar_resnet20(), weight_bits=2, act_bits=4)
     assert q.first_layers == ("conv1",) and q.last_layers == ("linear",)
-    bits = q.weight_quantizers()
+    bits = q.weight_quantizers
     assert bits["conv1"].bits == 8 and bits["linear"].bits == 8 and bits["layer1.0.conv1"].bits == 2
-    rows = {r["name"]: r for r in q.describe()}
+    rows = {r["name"]: r for r in q.describe_rows()}
     # 8-bit: the network input, conv1's output, what only linear reads on (the pooling input,
     # linear's input) and the 9 second-conv outputs, which only the residual adds read (int8
     # there); the 9 block inputs and 9 first-conv outputs, read by convs, are 4-bit.
@@ -137,7 +137,7 @@ def test_first_and_last_layers_are_found_by_graph_and_kept_at_8_bits():
 def test_per_layer_overrides_and_disabling_first_last():
     q, _ = _units(cifar_resnet20(), weight_bits=2, first_last_bits=None,
                   layer_bits={"layer3.2.conv2": 4})
-    bits = {n: w.bits for n, w in q.weight_quantizers().items()}
+    bits = {n: w.bits for n, w in q.weight_quantizers.items()}
     assert bits["conv1"] == 2 and bits["linear"] == 2 and bits["layer3.2.conv2"] == 4
     with pytest.raises(ConfigError, match="layer3.2.conv2"):
         _units(cifar_resnet20(), layer_bits={"layer3.2.conv3": 4})

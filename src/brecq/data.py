@@ -26,6 +26,7 @@ __all__ = [
     "check_finite",
     "eval_loader",
     "find_classes",
+    "image_modes",
     "load_calibration",
 ]
 
@@ -138,6 +139,22 @@ class ImageFolderDataset(Dataset):
         if img is None:
             return None, self.samples[index][0]
         return img, self.samples[index][1]
+
+
+def image_modes(dataset: ImageFolderDataset, sample: int = 16) -> dict[str, int]:
+    """Colour modes (PIL: "L" grayscale, "RGB", ...) of up to `sample` files spread evenly over
+    `dataset`, counted; only the headers are read. Unreadable files are left out."""
+    count = len(dataset.samples)
+    picks = sorted({i * count // sample for i in range(sample)}) if count else []
+    modes: dict[str, int] = {}
+    for index in picks:
+        try:
+            with Image.open(dataset.samples[index][0]) as img:
+                mode = img.mode
+        except Exception:  # noqa: BLE001 - unreadable files are skipped (and counted) when loading
+            continue
+        modes[mode] = modes.get(mode, 0) + 1
+    return modes
 
 
 def _collate_skipping(batch: Sequence[tuple[Any, Any]]) -> tuple[Any, Any, list[str]]:

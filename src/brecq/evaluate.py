@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import DataError
+from .progress import is_quiet
 
 __all__ = ["evaluate"]
 
@@ -68,7 +69,7 @@ def evaluate(
     was_training = model.training
     model.to(device)
     model.eval()
-    show = sys.stderr.isatty() if progress is None else progress
+    show = (sys.stderr.isatty() and not is_quiet()) if progress is None else progress
     correct1 = correct5 = count = 0
     try:
         with torch.inference_mode():

@@ -54,7 +54,7 @@ def export_command(
         if not name:
             raise ModelError(
                 f"{artifact_dir} does not record the model name: pass the model explicitly "
-                "(Python: export_command(..., model=my_model))"
+                "(command line: brecq export DIR --model NAME; Python: export_command(..., model=m))"
             )
         weights = info.get("weights")
         if weights and not Path(weights).expanduser().is_file():

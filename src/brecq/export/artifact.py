@@ -364,6 +364,13 @@ def _mismatch(out: Path, model: nn.Module, problems: list[str]) -> ModelError:
     )
 
 
+def _saved_act_name(info: dict, entry: _ActEntry) -> str:
+    """The name `entry` has in the artifact: artifacts from before activation quantizers were
+    named after their modules use fx node names; the quantizer's module path is the same."""
+    by_module = {m.get("quantizer"): m["name"] for m in info.get("act_quantizers", [])}
+    return entry.name if entry.name in by_module.values() else by_module.get(entry.module, entry.name)
+
+
 def _check_layout(out: Path, model: nn.Module, info: dict, weights: list[_WeightEntry],
                   acts: list[_ActEntry], rest: dict[str, Tensor]) -> None:
     problems: list[str] = []
@@ -380,7 +387,7 @@ def _check_layout(out: Path, model: nn.Module, info: dict, weights: list[_Weight
         elif (e.quantizer.bits, e.quantizer.qmin, e.quantizer.qmax) != (m["bits"], m["qmin"], m["qmax"]):
             problems.append(f"{key} quantizes to {e.quantizer.bits} bits vs {m['bits']} saved")
     saved_a = {m["name"] for m in info.get("act_quantizers", [])}
-    have_a = {e.name for e in acts}
+    have_a = {_saved_act_name(info, e) for e in acts}
     problems += [f"no activation quantizer {n}" for n in sorted(saved_a - have_a)]
     problems += [f"unexpected activation quantizer {n}" for n in sorted(have_a - saved_a)]
     saved_f = info.get("float_tensors", {})
@@ -462,8 +469,9 @@ def load_quantized(
             e.weight.copy_((ints - q.zero_point) * q.scale)
         for e in acts:
             q = e.quantizer
-            q.set_scale(_get(tensors, f"{_A}{e.name}/scale", weights_path),
-                        _get(tensors, f"{_A}{e.name}/zero_point", weights_path))
+            name = _saved_act_name(info, e)
+            q.set_scale(_get(tensors, f"{_A}{name}/scale", weights_path),
+                        _get(tensors, f"{_A}{name}/zero_point", weights_path))
         for key, tensor in rest.items():
             value = _get(tensors, f"{_F}{key}", weights_path)
             if value.shape != tensor.shape:

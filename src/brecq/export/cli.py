@@ -30,7 +30,12 @@ def add_export_subparser(subparsers) -> argparse.ArgumentParser:  # noqa: ANN001
     p.add_argument("--opset", type=int, default=None,
                    help="ONNX opset (default 17; 21 stores <= 4-bit weights as int4)")
     p.add_argument("--model", dest="export_model", default=None, metavar="NAME",
-                   help="model name to rebuild instead of the one recorded in DIR/model.json")
+                   help="model to rebuild instead of the one recorded in DIR/model.json (needed"
+                   " for a folder written by brecq.save_quantized without a model name)")
+    p.add_argument("--weights", dest="export_weights", default=None, metavar="PATH",
+                   help="with --model: local checkpoint of the float model")
+    p.add_argument("--num-classes", dest="export_num_classes", type=int, default=None,
+                   metavar="N", help="with --model: classes of the model's head")
     p.set_defaults(func=run_export)
     return p
 
@@ -41,13 +46,21 @@ def run_export(args: argparse.Namespace) -> int:
 
     artifact = Path(args.artifact_dir).expanduser()
     out = Path(args.out).expanduser() if args.out else artifact / "model.onnx"
+    from .artifact import read_model_info
+
+    info = read_model_info(artifact)
     model = None
     if args.export_model:
         from ..models import build_model
-        from .artifact import read_model_info
 
-        info = read_model_info(artifact)
-        model, _ = build_model(args.export_model, num_classes=info.get("num_classes"))
+        model, _ = build_model(args.export_model, weights=args.export_weights,
+                               num_classes=args.export_num_classes or info.get("num_classes"))
+    elif args.export_weights:
+        raise ModelError("--weights needs --model NAME (the model the checkpoint belongs to)")
+    elif not info.get("name"):
+        raise ModelError(f"{artifact} does not record which model it holds (saved with "
+                         "brecq.save_quantized without model_info={'name': ...}): pass --model "
+                         "NAME (and --weights PATH if it needs a checkpoint)")
     if args.opset is not None and args.opset < 13:
         raise ModelError(f"--opset {args.opset} is too old for per-channel QDQ: use 13 or newer")
     path = export_command(artifact, out, fmt=args.export_format, model=model, opset=args.opset)

@@ -14,7 +14,8 @@ import difflib
 import fnmatch
 import logging
 import operator
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -94,7 +95,10 @@ class QuantizedModel(nn.Module):
             self._runner._apply(fn, recurse)  # tensors the unit graphs hold directly
         return self
 
+    @property
     def weight_quantizers(self) -> dict[str, WeightQuantizer]:
+        """Weight quantizers by layer name (`layer.bias`-style for other weights), as
+        `act_quantizers` maps names to activation quantizers."""
         return {
             f"{name}.{weight_name}" if weight_name != "weight" else name: quantizer
             for name, layer in self.layers.items()
@@ -107,7 +111,13 @@ class QuantizedModel(nn.Module):
         with state.quantization(self.network, weights=weights, acts=acts):
             yield
 
-    def describe(self) -> list[dict]:
+    def describe(self) -> str:
+        """A printable table of the units: kind, layers, parameters, weight and activation bits."""
+        from ..text import units_table
+
+        return units_table(self.describe_rows())
+
+    def describe_rows(self) -> list[dict]:
         """Units with their layers, parameter counts and quantizer bit widths."""
         rows = []
         for unit in self.units:
@@ -175,6 +185,28 @@ def _layer_bits(name: str, config: BrecqConfig, special: set[str]) -> int:
     if config.first_last_bits is not None and name in special:
         return config.first_last_bits
     return config.weight_bits
+
+
+def _activation_names(gm: fx.GraphModule, producers: Iterable[fx.Node]) -> dict[fx.Node, str]:
+    """Names of the activation quantizers, after what produces each tensor: the module
+    (`layer1.0.relu`), or for a function inside a module that module and the function
+    (`F.relu` in `layer1.0`: `layer1.0.relu`); the fx node name (`relu`, `flatten`) at the top
+    level. A name taken twice (a module called twice) gets `@2`, `@3`, ... in graph order."""
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    names: dict[fx.Node, str] = {}
+    taken: dict[str, int] = {}
+    for node in sorted(producers, key=order.__getitem__):
+        stack = node.meta.get("nn_module_stack") or {}
+        if node.op == "call_module":
+            base = str(node.target)
+        elif stack:
+            scope = next(reversed(stack.values()))[0]
+            base = f"{scope}.{re.sub(r'_[0-9]+$', '', node.name)}"
+        else:
+            base = node.name
+        taken[base] = taken.get(base, 0) + 1
+        names[node] = base if taken[base] == 1 else f"{base}@{taken[base]}"
+    return names
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -334,14 +366,16 @@ def _quantize_biases(gm: fx.GraphModule, layer_nodes: set[fx.Node],
             layer.quantize_bias(act_quantizers[next(iter(keys))])
 
 
-def _insert_quantizer(gm: fx.GraphModule, producer: fx.Node, key: str, owner: bool) -> None:
-    """Route every use of `producer` (except the network output) through quantizer `key`.
+def _insert_quantizer(gm: fx.GraphModule, producer: fx.Node, submodule: str, key: str,
+                      owner: bool) -> None:
+    """Route every use of `producer` (except the network output) through the quantizer
+    `submodule + "_act_quant"`, known to users as `key`.
 
     A reused quantizer (owner False) is called a second time on values already on its grid, so
     it changes nothing; it is learned with the unit that owns it, not where it is reused.
     """
     with gm.graph.inserting_after(producer):
-        qnode = gm.graph.call_module(key + "_act_quant", (producer,))
+        qnode = gm.graph.call_module(submodule + "_act_quant", (producer,))
     qnode.meta["nn_module_stack"] = dict(producer.meta.get("nn_module_stack") or {})
     qnode.meta["brecq_is_tensor"] = True
     qnode.meta["brecq_act_source"] = key
@@ -525,7 +559,9 @@ def _prepare_traced(
                     if value.op != "get_attr":
                         producers.setdefault(value, set()).add(node.target)
         own, reuse = backend_points(gm, layer_nodes, set(last), list(producers), config.backend)
-        _check_names(config.act_layer_bits, [p.name for p in own], "act_layer_bits")
+        act_names = _activation_names(gm, own)
+        _check_names(config.act_layer_bits, [*act_names.values(), *(p.name for p in own)],
+                     "act_layer_bits")
         for producer in own:
             consumers = producers.get(producer, set())
             # `act_bits` is the width of what layers multiply; a tensor only the backend needs
@@ -541,14 +577,14 @@ def _prepare_traced(
                 # The network input feeds the first layers: it is as wide as their weights.
                 if feeds_last or after_first or before_last or producer.op == "placeholder":
                     bits = config.first_last_bits
-            bits = config.act_layer_bits.get(producer.name, bits)
+            key = act_names[producer]
+            bits = config.act_layer_bits.get(key, config.act_layer_bits.get(producer.name, bits))
             quantizer = ActQuantizer(bits, symmetric=config.act_symmetric)
-            key = producer.name
-            gm.add_submodule(key + "_act_quant", quantizer)
+            gm.add_submodule(producer.name + "_act_quant", quantizer)
             act_quantizers[key] = quantizer
-            _insert_quantizer(gm, producer, key, owner=True)
+            _insert_quantizer(gm, producer, producer.name, key, owner=True)
         for node, source in reuse.items():
-            _insert_quantizer(gm, node, source.name, owner=False)
+            _insert_quantizer(gm, node, source.name, act_names[source], owner=False)
         if config.integer_bias:
             _quantize_biases(gm, layer_nodes, layers, act_quantizers)
     gm.graph.lint()

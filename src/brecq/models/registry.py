@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from ..fileio import damage_of
 from . import cifar_resnet
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
@@ -183,6 +184,10 @@ def load_checkpoint(
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated files, non-torch files
+        damage = damage_of(path, exc)
+        if damage is not None:
+            raise ModelError(f"checkpoint {path} is damaged ({damage}): copy or download it "
+                             "again") from exc
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
             f"checkpoint {path} could not be read as weights ({reason[:200]}): save it with "

@@ -21,7 +21,7 @@ from torch import Tensor
 from ..config import BrecqConfig
 from ..distributed import SINGLE_PROCESS, DistContext
 from ..errors import CheckpointError
-from ..fileio import atomic_torch_save
+from ..fileio import atomic_torch_save, damage_of
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,37 @@ def _set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def read_checkpoint(path: Path, config: BrecqConfig) -> dict:
+    """The checkpoint at `path`, checked to be intact and written by a run with `config`
+    (a concrete, resolved config); CheckpointError naming the problem otherwise."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+        damage = damage_of(path, exc)
+        what = f"is damaged ({damage})" if damage else f"is unreadable ({type(exc).__name__})"
+        raise CheckpointError(
+            f"checkpoint {path} {what}: delete it and start the run again without --resume"
+        ) from exc
+    if not isinstance(payload, dict) or payload.get("version") != FORMAT_VERSION:
+        version = payload.get("version") if isinstance(payload, dict) else None
+        raise CheckpointError(
+            f"checkpoint {path} has format {version!r}, this version reads {FORMAT_VERSION}: "
+            "start again without --resume"
+        )
+    saved, current = payload["config"], config.to_dict()
+    differing = sorted(
+        k for k in set(saved) | set(current)
+        if k not in _IGNORED_KEYS and saved.get(k) != current.get(k)
+    )
+    if differing:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing)
+        raise CheckpointError(
+            f"the config differs from the checkpoint's ({details}): resume with the same "
+            "settings or start a new run in another directory"
+        )
+    return payload
 
 
 class RunCheckpoint:
@@ -109,29 +140,7 @@ class RunCheckpoint:
             raise CheckpointError(
                 f"no checkpoint at {self.path}: start the run without --resume"
             )
-        try:
-            payload = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
-            raise CheckpointError(
-                f"checkpoint {self.path} is unreadable ({type(exc).__name__}): delete it and "
-                "start again without --resume"
-            ) from exc
-        if payload.get("version") != FORMAT_VERSION:
-            raise CheckpointError(
-                f"checkpoint {self.path} has format {payload.get('version')!r}, this version "
-                f"reads {FORMAT_VERSION}: start again without --resume"
-            )
-        saved, current = payload["config"], self.config.to_dict()
-        differing = sorted(
-            k for k in set(saved) | set(current)
-            if k not in _IGNORED_KEYS and saved.get(k) != current.get(k)
-        )
-        if differing:
-            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing)
-            raise CheckpointError(
-                f"the config differs from the checkpoint's ({details}): resume with the same "
-                "settings or start a new run in another directory"
-            )
+        payload = read_checkpoint(self.path, self.config)
         if not _same_data(payload["data"], self.data_fingerprint):
             raise CheckpointError(
                 "the calibration data differs from the checkpoint's: resume with the same data "

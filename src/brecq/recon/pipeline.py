@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -19,11 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from .. import progress
 from ..config import BrecqConfig
 from ..distributed import SINGLE_PROCESS, DistContext, current
 from ..errors import ConfigError, DataError, ModelError, ReconstructionError
 from ..graph.prepare import QuantizedModel, Unit, prepare
 from ..quant import state
+from ..text import format_table
 from .cache import ActivationCache
 from .checkpoint import RunCheckpoint
 from .reconstruct import (
@@ -72,12 +75,30 @@ class QuantizationReport:
             "recon_seconds": self.recon_seconds,
         }
 
-    def log(self) -> None:
-        for u in self.units:
-            logger.info(
-                "%-32s %-6s %-11s %8d params  loss %.5g -> %.5g  %.1fs", u.name, u.kind, u.phase,
-                u.params, u.loss_before, u.loss_after, u.seconds,
-            )
+    def summary(self) -> str:
+        """A printable table: per unit and pass, parameters, loss before and after, time."""
+        rows = [[u.name, u.kind, u.phase, f"{u.params:,}", f"{u.loss_before:.5g}",
+                 f"{u.loss_after:.5g}", f"{u.iterations:,}", f"{u.seconds:.1f}"] for u in self.units]
+        table = format_table(["unit", "kind", "pass", "params", "loss before", "loss after",
+                              "iterations", "seconds"], rows, right=(3, 4, 5, 6, 7))
+        method = {"brecq": "BRECQ", "qdrop": "QDrop", "rtn": "round-to-nearest"}.get(
+            self.config.get("method"), self.config.get("method"))
+        bits = f"W{self.config.get('weight_bits')}A{self.config.get('act_bits') or 32}"
+        return (f"{method} {bits}: {len(self.units)} unit passes in {self.recon_seconds:.1f}s on "
+                f"{self.device or '?'}\n{table}")
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def log(self, level: int = logging.INFO) -> str:
+        """Log the summary table, or write it to stderr when logging is not set up (no handler
+        anywhere), so that it shows either way; returns it."""
+        table = self.summary()
+        if logger.hasHandlers():
+            logger.log(level, "%s", table)
+        else:
+            sys.stderr.write(table + "\n")
+        return table
 
 
 def resolve_device(name: str) -> torch.device:
@@ -275,7 +296,7 @@ def _reconstruct_pass(
     qmodel: QuantizedModel, data: Tensor, config: BrecqConfig, device: torch.device,
     placement: CachePlacement, report: QuantizationReport, *, phase: str,
     fp_logits: Tensor | None, generator: torch.Generator, checkpoint: RunCheckpoint,
-    dist: DistContext,
+    dist: DistContext, run_progress: progress.RunProgress,
 ) -> None:
     learn_weights = phase in ("weights", "joint")
     iters = config.iters_w if learn_weights else config.iters_a
@@ -311,12 +332,20 @@ def _reconstruct_pass(
                                  result.loss_after, time.perf_counter() - started,
                                  result.iterations)
         report.units.append(unit_report)
+        first = run_progress.done == 0
+        run_progress.add(iters, unit_report.seconds)
         if dist.is_main:
             peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
                     if device.type == "cuda" else "")
-            logger.info("%s unit %d/%d %s: loss %.5g -> %.5g (%d iterations, %.1fs%s)", phase,
-                        k + 1, len(qmodel.units), unit.name, result.loss_before,
-                        result.loss_after, result.iterations, unit_report.seconds, peak)
+            left = run_progress.left()
+            progress.unit_logger.info(
+                "%s unit %d/%d %s: loss %.5g -> %.5g (%d iterations, %.1fs%s)%s", phase, k + 1,
+                len(qmodel.units), unit.name, result.loss_before, result.loss_after,
+                result.iterations, unit_report.seconds, peak,
+                f"; about {progress.minutes(left)} left" if left else "")
+            if first and left:
+                progress.logger.info("Time estimate after the first unit: about %s more",
+                                     progress.minutes(left))
         checkpoint.mark_done(phase, k, qmodel, report, generator)
 
 
@@ -354,6 +383,30 @@ def _reconstruct_unit(
         cache.clear()
 
 
+def _announce_plan(qmodel: QuantizedModel, config: BrecqConfig, checkpoint: RunCheckpoint,
+                   dist: DistContext) -> progress.RunProgress:
+    """Log the run's plan (units, passes, iterations); return its iteration counter."""
+    units = len(qmodel.units)
+    if config.method == "qdrop":
+        passes = [("joint", "joint", config.iters_w)]
+    elif config.method == "brecq":
+        passes = [("weights", "rounding", config.iters_w)]
+        if qmodel.act_quantizers:
+            passes.append(("activations", "step-size", config.iters_a))
+    else:
+        passes = []
+    todo = sum(iters for phase, _, iters in passes for k in range(units)
+               if not checkpoint.is_done(phase, k))
+    if passes and dist.is_main:
+        plan = ", then ".join(f"{units} x {iters:,} {what} iterations" for _, what, iters in passes)
+        resumed = f"; {todo:,} left after resuming" if checkpoint.done else ""
+        name = {"qdrop": "QDrop", "brecq": "BRECQ"}[config.method]
+        progress.logger.info("Plan: %s %s, %d units: %s (%s iterations%s); time estimate after "
+                             "the first unit", name, config.label, units, plan,
+                             f"{sum(i for *_, i in passes) * units:,}", resumed)
+    return progress.RunProgress(todo)
+
+
 def quantize(
     model: nn.Module,
     calib_data: Tensor | DataLoader | Iterable,
@@ -377,7 +430,9 @@ def quantize(
     the same `checkpoint_dir` everywhere (rank 0 writes it). Every rank returns the same
     model, equal to a single-process run on the union of the shards up to float rounding.
     """
-    config = config or BrecqConfig()
+    # `auto` and the method-dependent defaults become concrete values: the report, the checkpoint
+    # and every step below see what actually runs.
+    config = (config or BrecqConfig()).resolved()
     device = resolve_device(config.device)
     if config.autocast == "tf32" and device.type != "cuda":
         raise ConfigError(f"autocast 'tf32' needs a CUDA device, not {device}: use --autocast bf16"
@@ -409,7 +464,9 @@ def quantize(
     dist.check_identical(qmodel.state_dict(), "model weights",
                          "load the same model and weights on every rank")
     fp_logits = float_logits(qmodel, data, device) if config.loss == "fisher" else None
-    common = dict(fp_logits=fp_logits, generator=generator, checkpoint=checkpoint, dist=dist)
+    run_progress = _announce_plan(qmodel, config, checkpoint, dist)
+    common = dict(fp_logits=fp_logits, generator=generator, checkpoint=checkpoint, dist=dist,
+                  run_progress=run_progress)
 
     if config.method == "brecq":
         _reconstruct_pass(qmodel, data, config, device, placement, report, phase="weights", **common)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..distributed import SINGLE_PROCESS, DistContext
 from ..errors import ReconstructionError
+from ..progress import bar_disable
 from ..quant import primitives as P
 from ..quant import state
 from ..quant.quantizers import ActQuantizer, WeightQuantizer
@@ -291,8 +292,9 @@ def optimize_unit(
     optimizers, scheduler = _optimizers(rounding, act_quantizers, schedule,
                                         fused=options.loop == "fast", graph=graph)
     wqs = [q for q, _ in weight_quantizers]
-    bar = tqdm(range(schedule.iters), desc=description, leave=False, dynamic_ncols=True,
-               mininterval=1.0, disable=None if dist.is_main else True)
+    # On a terminal each unit's bar stays as its record (iterations, loss, time).
+    bar = tqdm(range(schedule.iters), desc=description, leave=True, dynamic_ncols=True,
+               mininterval=1.0, disable=bar_disable(dist.is_main))
     run = _graph_loop if graph else _fast_loop if options.loop == "fast" else _eager_loop
     loop = _Loop(wqs, act_quantizers, optimizers, scheduler, schedule, options, dist, description)
     with state.soft_rounding(wqs), state.dropping(act_quantizers, schedule.drop_prob):

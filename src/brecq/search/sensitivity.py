@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import BrecqConfig
+from ..config import DEFAULT_ROUND_LAMBDA, DEFAULT_WEIGHT_LR, BrecqConfig
 from ..errors import ConfigError
 from ..fileio import atomic_write_text
 from ..graph.prepare import QuantizedModel, Unit, _weight_quantizer, prepare
@@ -339,9 +339,13 @@ def _measure_unit(qmodel: QuantizedModel, unit: Unit, bank: _QuantizerBank,
                 outputs_key=FP_OUT)
         if labels is not None:
             _capture_fisher(qmodel, unit, data, labels, device, cache)
+        # The plain rounding defaults unless given: the probe compares bit widths, the same way
+        # whatever method the final run uses.
         schedule = Schedule(
-            iters=search.rounding_iters, batch_size=config.batch_size, weight_lr=config.weight_lr,
-            act_lr=config.effective_act_lr, round_lambda=config.round_lambda,
+            iters=search.rounding_iters, batch_size=config.batch_size,
+            weight_lr=config.weight_lr if config.weight_lr is not None else DEFAULT_WEIGHT_LR,
+            act_lr=config.effective_act_lr,
+            round_lambda=config.round_lambda if config.round_lambda is not None else DEFAULT_ROUND_LAMBDA,
             beta_start=config.beta_start, beta_end=config.beta_end, warmup=config.warmup,
             loss_p=2.0, drop_prob=0.0,
         )
