@@ -45,7 +45,9 @@ def test_qdrop_and_fisher_loss_reconstruct_and_help(mnist):
         qmodel, report = quantize(model, calib, BrecqConfig(weight_bits=2, act_bits=4,
                                                             **FAST, **extra))
         assert _accuracy(qmodel, test) > _accuracy(rtn, test) + 10, extra
-        assert all(u.loss_after <= u.loss_before * 1.05 for u in report.units), extra
+        # An 8-bit first layer starts near zero loss (~3e-4 against 1-20 for the blocks), where
+        # QDrop's dropped-input objective and the CPU's float kernels move it by ~1e-4 either way.
+        assert all(u.loss_after <= u.loss_before * 1.05 + 1e-3 for u in report.units), extra
 
 
 def test_report_lists_every_unit_with_losses_and_time(mnist):
