@@ -260,7 +260,9 @@ def test_every_family_quantizes_every_layer_and_w8a8_stays_close_to_float(family
     torch.manual_seed(0)
     # 32x32 leaves RegNet and EfficientNet 1x1 maps whose recomputed BatchNorm statistics make the random net
     # chaotic (RegNet W8A8 cosine 0.80, weights alone 0.86): 64x64 gives normal sensitivity (0.94).
-    size = 64 if family in ("googlenet", "squeezenet", "regnet_se", "timm_tf_efficientnet") else 32
+    # MobileNetV3-small likewise: 0.87 at 32x32 with the onnxruntime placement (0.91 without), 0.97 at 64.
+    size = 64 if family in ("googlenet", "squeezenet", "regnet_se", "timm_tf_efficientnet",
+                            "mobilenet_v3_se") else 32
     x = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0))
     model = _recompute_batchnorms(_family(family), torch.randn(8, 3, size, size))
     qmodel, report = quantize(model, x, BrecqConfig(weight_bits=8, act_bits=8, first_last_bits=None,

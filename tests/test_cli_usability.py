@@ -323,7 +323,8 @@ def test_help_is_grouped_and_prints_each_default_once():
     sections = [line for line in text.splitlines() if line and not line.startswith(" ")
                 and line.endswith(":")]
     assert [s.split(" (")[0].rstrip(":") for s in sections[1:]] == [
-        "model", "data and preprocessing", "quantization", "reconstruction", "runtime", "output"]
+        "model", "data and preprocessing", "quantization", "reconstruction", "runtime", "output",
+        "onnxruntime benchmark"]
     for action in quantize._actions:
         assert (action.help or "").count("default:") <= 1, action.help
 
@@ -335,8 +336,13 @@ def test_activation_quantizers_are_named_after_modules_and_both_names_work():
     example = (torch.zeros(1, 3, 32, 32),)
     qmodel = brecq.prepare(model, BrecqConfig(act_bits=4), example)
     names = list(qmodel.act_quantizers)
-    # F.relu inside the block layer1.0 (twice), the stem's F.relu and flatten at the top level.
-    assert names[:3] == ["relu", "layer1.0.relu", "layer1.0.relu@2"] and "flatten" in names
+    # The network input `x` and the stem's F.relu at the top level, F.relu inside the block
+    # layer1.0 (twice), the block's second conv output (read by the residual add: onnxruntime
+    # placement) named after the conv.
+    assert names[:5] == ["x", "relu", "layer1.0.relu", "layer1.0.conv2", "layer1.0.relu@2"]
+    research = brecq.prepare(model, BrecqConfig(act_bits=4, backend="none"), example)
+    assert list(research.act_quantizers)[:3] == ["relu", "layer1.0.relu", "layer1.0.relu@2"]
+    assert "flatten" in research.act_quantizers
     bits = {"layer1.0.relu@2": 6, "relu_3": 5}  # new name and old fx node name (layer1.1.relu)
     qmodel = brecq.prepare(model, BrecqConfig(act_bits=4, act_layer_bits=bits), example)
     assert qmodel.act_quantizers["layer1.0.relu@2"].bits == 6
@@ -347,7 +353,9 @@ def test_activation_quantizers_are_named_after_modules_and_both_names_work():
 
 def test_torchvision_module_called_twice_gets_numbered_names():
     torchvision = pytest.importorskip("torchvision")
-    qmodel = brecq.prepare(torchvision.models.resnet18(), BrecqConfig(act_bits=4),
+    # Research placement: the max pool output is a layer input with a quantizer of its own (the
+    # onnxruntime placement reuses the stem ReLU's quantizer there).
+    qmodel = brecq.prepare(torchvision.models.resnet18(), BrecqConfig(act_bits=4, backend="none"),
                            (torch.zeros(1, 3, 64, 64),))
     assert {"layer1.0.relu", "layer1.0.relu@2", "maxpool"} <= set(qmodel.act_quantizers)
 
