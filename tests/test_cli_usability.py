@@ -419,3 +419,15 @@ def test_artifact_with_fx_node_names_still_loads(tmp_path):
     loaded = brecq.load_quantized(build_model("cifar_resnet20")[0], tmp_path)
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(loaded(x), qmodel.cpu().eval()(x))
+
+
+def test_output_piped_into_a_reader_that_stops_early_is_not_an_error():
+    # `brecq info | head -3`: the reader closes the pipe after three lines.
+    proc = subprocess.Popen([sys.executable, "-m", "brecq", "info", "--model", "cifar_resnet20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"))
+    proc.stdout.readline()
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in stderr, stderr

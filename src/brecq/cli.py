@@ -1214,6 +1214,12 @@ def _one_line(message: object) -> str:
     return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
+def _run_command(args: argparse.Namespace) -> int:
+    code = int(args.func(args) or 0)
+    sys.stdout.flush()  # a closed pipe shows here, inside main's handlers, not at interpreter exit
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (0 ok, 2 user error, 130 interrupted)."""
     parser = build_parser()
@@ -1232,10 +1238,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 threads = torch.get_num_threads()
                 torch.set_num_threads(args.threads)
                 try:
-                    return int(args.func(args) or 0)
+                    return _run_command(args)
                 finally:
                     torch.set_num_threads(threads)
-            return int(args.func(args) or 0)
+            return _run_command(args)
     except (BrecqError, UsageError) as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
@@ -1247,6 +1253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader left (`brecq info | head`): not an error. Point stdout at devnull so the
+        # interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
