@@ -430,3 +430,33 @@ def test_untraceable_root_model_saves_and_loads_to_the_same_outputs(tmp_path):
     loaded = load_quantized(_DataDependentRoot(), tmp_path)
     with torch.no_grad():
         assert torch.allclose(loaded(x), qmodel(x), atol=1e-6)
+
+
+def test_a_child_whose_own_forward_is_untraceable_is_prepared_through_its_children():
+    class Chooser(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = _ForkBlock(8), _ForkBlock(8)
+
+        def forward(self, x):
+            return self.a(x) if x.sum() > 0 else self.b(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.chooser = nn.Sequential(nn.Conv2d(3, 8, 1)), Chooser()
+            self.head = nn.Sequential(nn.Linear(8, 2))
+
+        def forward(self, x):
+            x = self.chooser(self.stem(x)) if x.max() > -1e30 else x
+            return self.head(x.mean((2, 3)))
+
+    model = _trained_like_batchnorms(Net())
+    x = torch.randn(8, 3, 8, 8)
+    qmodel = prepare(model, BrecqConfig(weight_bits=8, act_bits=8), (x,))
+    taken = "chooser.a" if model.stem(x).sum() > 0 else "chooser.b"
+    assert [u.layers for u in qmodel.units] == [
+        ("stem.0",), (f"{taken}.conv1", f"{taken}.left", f"{taken}.right"), ("head.0",)]
+    assert {f"{taken}.x", f"{taken}.relu"} <= set(qmodel.act_quantizers)
+    assert qmodel.first_layers == ("stem.0",) and qmodel.last_layers == ("head.0",)
+    assert _quant_off_error(qmodel, model, x) < 1e-4

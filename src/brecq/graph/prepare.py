@@ -872,7 +872,7 @@ def _float_reason(name: str, module: nn.Module, qmodel: QuantizedModel, read_dir
         return ("the model's code reads its weight directly (e.g. F.linear(x, self.fc.weight)) "
                 "and also calls the layer, or outside the traced graph")
     if not qmodel.traced:
-        return "the module-tree fallback (model not traceable by torch.fx) did not reach it"
+        return "the model's forward is not traceable by torch.fx and its fallback did not reach it"
     return "it is not called as a module in the traced graph"
 
 
