@@ -300,7 +300,7 @@ def test_conv_subclass_and_untraceable_block_export_to_onnx_matching_pytorch(tmp
 
     same_pad = nn.Sequential(_SamePadConv(3, 8, 5, stride=2), _BatchNormAct(8),
                              _SamePadConv(8, 8, 5, stride=2), nn.Flatten(), nn.Linear(128, 4))
-    for model, size in ((same_pad, 15), (_NetWithUntraceableBlock(), 16)):
+    for model, size in ((same_pad, 15), (_NetWithUntraceableBlock(), 16), (_DataDependentRoot(), 8)):
         model = _trained_like_batchnorms(model)
         x = torch.randn(8, 3, size, size)
         qmodel, _ = quantize(model, x, BrecqConfig(weight_bits=8, act_bits=8, **TINY))
