@@ -403,6 +403,7 @@ def test_untraceable_root_forward_traces_each_child_with_producer_quantizers(cap
         assert reads[f"{b}.left"] is reads[f"{b}.right"]
         assert reads[f"{b}.left"].target.endswith("_act_quant")
         unit = next(u for u in qmodel.units if f"{b}.conv1" in u.layers)
+        assert unit.name == b  # named after its module, as on a traced model
         assert set(unit.layers) == {f"{b}.conv1", f"{b}.left", f"{b}.right"}  # one unit
         assert {f"{b}.x", f"{b}.relu"} <= set(unit.act_quantizers)
     with torch.no_grad():

@@ -190,13 +190,11 @@ def _layer_bits(name: str, config: BrecqConfig, special: set[str]) -> int:
     return config.weight_bits
 
 
-def _activation_names(gm: fx.GraphModule, producers: Iterable[fx.Node],
-                      scope: str = "") -> dict[fx.Node, str]:
+def _activation_names(gm: fx.GraphModule, producers: Iterable[fx.Node]) -> dict[fx.Node, str]:
     """Names of the activation quantizers, after what produces each tensor: the module
     (`layer1.0.relu`), or for a function inside a module that module and the function
     (`F.relu` in `layer1.0`: `layer1.0.relu`); the fx node name (`relu`, `flatten`) at the top
-    level (after `scope`, the submodule a graph was traced from, if any). A name taken twice (a
-    module called twice) gets `@2`, `@3`, ... in graph order."""
+    level. A name taken twice (a module called twice) gets `@2`, `@3`, ... in graph order."""
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     names: dict[fx.Node, str] = {}
     taken: dict[str, int] = {}
@@ -208,7 +206,7 @@ def _activation_names(gm: fx.GraphModule, producers: Iterable[fx.Node],
             scope = next(reversed(stack.values()))[0]
             base = f"{scope}.{re.sub(r'_[0-9]+$', '', node.name)}"
         else:
-            base = scope + node.name
+            base = node.name
         taken[base] = taken.get(base, 0) + 1
         names[node] = base if taken[base] == 1 else f"{base}@{taken[base]}"
     return names
@@ -285,6 +283,8 @@ def _trace(model: nn.Module, root: nn.Module | None = None,
     leaves: set[str] = set()
     while True:
         tracer = _LeafTracer(leaves, prefix)
+        if prefix:  # every node runs inside that submodule, as when traced from `root`
+            tracer.module_stack[prefix[:-1]] = (prefix[:-1], type(model))
         try:
             graph = tracer.trace(model)
         except Exception:
@@ -525,10 +525,9 @@ def _prepare_traced(
     gm: fx.GraphModule, config: BrecqConfig, example_inputs: tuple,
     unit_predicate: UnitPredicate | None, leaves: set[str] = frozenset(),
     called: list[str] = (), original: dict[str, nn.Module] | None = None,
-    scope: str = "", model_input: bool = True,
+    model_input: bool = True,
 ) -> QuantizedModel:
-    """`scope` names the submodule (`layer1.`) `gm` was traced from, if not the whole model;
-    `model_input` says whether the graph's inputs are the model's."""
+    """`model_input`: whether the graph's inputs are the model's (not a submodule's) inputs."""
     original = original if original is not None else dict(gm.named_modules())
     folded = fold_batchnorm_graph(gm)
     if leaves:
@@ -577,7 +576,7 @@ def _prepare_traced(
                     if value.op != "get_attr":
                         producers.setdefault(value, set()).add(node.target)
         own, reuse = backend_points(gm, layer_nodes, set(last), list(producers), config.backend)
-        act_names = _activation_names(gm, own, scope)
+        act_names = _activation_names(gm, own)
         _check_names(config.act_layer_bits, [*act_names.values(), *(p.name for p in own)],
                      "act_layer_bits")
         for producer in own:
@@ -660,7 +659,7 @@ def _scoped(config: BrecqConfig, prefix: str, first: bool, last: bool) -> BrecqC
     """`config` for the submodule `prefix` prepared on its own: the names inside it, and first or
     last layers found in its graph only where its input or output is the model's."""
     def inside(names):  # noqa: ANN001, ANN202
-        return tuple(n for n in names or () if n.startswith(prefix + "."))
+        return tuple(n for n in names or () if n == prefix or n.startswith(prefix + "."))
 
     return config.replace(
         layer_bits={k: v for k, v in config.layer_bits.items() if k.startswith(prefix + ".")},
@@ -711,7 +710,7 @@ def _prepare_by_children(
         _bind_defaults(gm, len(args))
         children[name] = _prepare_traced(
             gm, _scoped(config, name, is_first, is_last), args, unit_predicate, leaves, called,
-            original, scope=name + ".", model_input=is_first)
+            original, model_input=is_first)
         _set_submodule(model, name, children[name])
     ordered = [children[name] for name in sorted(children, key=order.index)]
     layers = {k: v for c in ordered for k, v in c.layers.items()}
