@@ -461,3 +461,25 @@ def test_a_child_whose_own_forward_is_untraceable_is_prepared_through_its_childr
     assert {f"{taken}.x", f"{taken}.relu"} <= set(qmodel.act_quantizers)
     assert qmodel.first_layers == ("stem.0",) and qmodel.last_layers == ("head.0",)
     assert _quant_off_error(qmodel, model, x) < 1e-4
+
+
+def test_a_model_using_its_children_otherwise_than_calling_them_falls_back_to_the_module_tree(
+        caplog):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = _ForkBlock(8)
+            self.stem, self.head = nn.Sequential(nn.Conv2d(3, 8, 1)), nn.Sequential(nn.Linear(8, 2))
+
+        def forward(self, x):
+            x = self.body(self.stem(x)) if x.max() > -1e30 else x
+            # uses a child as a Sequential: a prepared child is not one
+            return self.head(x.mean((2, 3)).reshape(-1, 8 * len(self.stem)))
+
+    model = _trained_like_batchnorms(Net())
+    x = torch.randn(4, 3, 8, 8)
+    with caplog.at_level(logging.WARNING):
+        qmodel = prepare(model, BrecqConfig(weight_bits=8, act_bits=8), (x,))
+    assert "falling back to the module tree" in caplog.text
+    assert set(qmodel.layers) == {"stem.0", "body.conv1", "body.left", "body.right", "head.0"}
+    assert _quant_off_error(qmodel, model, x) < 1e-4

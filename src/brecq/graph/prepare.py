@@ -682,7 +682,8 @@ def _prepare_by_children(
     it quantizers sit at producers, BatchNorm folds on the graph and units follow data flow; the
     model's forward then runs as written, calling the prepared children. A child's input gets its
     quantizer at the child's boundary. None when a weight layer runs outside every traceable
-    child (the module-tree fallback handles that)."""
+    child, or when the model's forward fails or computes otherwise with the prepared children
+    (`model` is then changed: start the fallback from a fresh copy)."""
     order, io = _execution_order(model, example_inputs)
     original = dict(model.named_modules())
     model_in = {id(t) for t in example_inputs if isinstance(t, Tensor)}
@@ -705,6 +706,8 @@ def _prepare_by_children(
             pending += [f"{name}.{child}" for child, _ in original[name].named_children()]
             continue
         traced[name] = (gm, leaves, args, any(id(a) in model_in for a in args), id(output) == model_out)
+    if not traced:
+        return None
     children: dict[str, QuantizedModel] = {}
     for name, (gm, leaves, args, is_first, is_last) in traced.items():
         _bind_defaults(gm, len(args))
@@ -712,6 +715,13 @@ def _prepare_by_children(
             gm, _scoped(config, name, is_first, is_last), args, unit_predicate, leaves, called,
             original, model_input=is_first)
         _set_submodule(model, name, children[name])
+    try:  # the model's own code may also use what was replaced (a child's attributes, say)
+        with torch.no_grad(), state.quantization(model, weights=False, acts=False):
+            torch.testing.assert_close(model(*example_inputs), io[""][1], rtol=1e-3, atol=1e-3)
+    except Exception as exc:  # noqa: BLE001 - any failure or difference: not usable
+        logger.info("preparing the children of %s on their own changes its output (%s)",
+                    type(model).__name__, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
     ordered = [children[name] for name in sorted(children, key=order.index)]
     layers = {k: v for c in ordered for k, v in c.layers.items()}
     act_quantizers = {k: v for c in ordered for k, v in c.act_quantizers.items()}
@@ -938,9 +948,10 @@ def prepare(
                 reason)
         else:
             logger.warning(
-                "torch.fx cannot trace %s (%s) and it calls weight layers directly; falling back "
+                "torch.fx cannot trace %s (%s), nor can its children stand for it; falling back "
                 "to the module tree: activation inputs are quantized at each layer and "
                 "nn.Sequential children are the units", type(model).__name__, reason)
+            work = copy.deepcopy(model).eval()
             qmodel = _prepare_module_tree(work, config, example_inputs, unit_predicate)
     else:
         if leaves:
