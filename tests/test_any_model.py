@@ -302,7 +302,7 @@ def test_conv_subclass_and_untraceable_block_export_to_onnx_matching_pytorch(tmp
 
     same_pad = nn.Sequential(_SamePadConv(3, 8, 5, stride=2), _BatchNormAct(8),
                              _SamePadConv(8, 8, 5, stride=2), nn.Flatten(), nn.Linear(128, 4))
-    for model, size in ((same_pad, 15), (_NetWithUntraceableBlock(), 16)):
+    for model, size in ((same_pad, 15), (_NetWithUntraceableBlock(), 16), (_DataDependentRoot(), 8)):
         model = _trained_like_batchnorms(model)
         x = torch.randn(8, 3, size, size)
         qmodel, _ = quantize(model, x, BrecqConfig(weight_bits=8, act_bits=8, **TINY))
@@ -335,3 +335,153 @@ def test_optional_inputs_left_out_take_their_defaults_so_blocks_are_still_found(
 
     qmodel = prepare(Net(), BrecqConfig(act_bits=8), (torch.randn(2, 4, 8),))
     assert [u.name for u in qmodel.units] == ["blocks.0", "blocks.1"]
+
+
+# --------------------------------------------------------------------------------------------
+# A model whose own forward fx cannot trace: its children are traced one by one.
+
+
+class _ForkBlock(nn.Module):
+    """conv-BN-ReLU whose output two convs read, plus a residual add."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU()
+        self.left, self.bn_left = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+        self.right = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(x + self.bn_left(self.left(y)) + self.right(y))
+
+
+class _DataDependentRoot(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.up, self.down = _ForkBlock(8), _ForkBlock(8)
+        self.blocks = nn.ModuleList([_ForkBlock(8), _ForkBlock(8), _ForkBlock(8)])
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 8 * 8, 4))
+
+    def forward(self, x, depth=(1, 2)):
+        x = self.stem(x)
+        x = self.up(x) if x.mean() > 0 else self.down(x)  # control flow on a tensor value
+        for block in self.blocks[: len(depth)]:  # a loop as long as a runtime input
+            x = block(x)
+        return self.head(x)
+
+
+def _quant_off_error(qmodel, model, x):
+    with torch.no_grad(), qmodel.quantization(weights=False, acts=False):
+        ref = model(x)
+        return ((qmodel(x) - ref).norm() / ref.norm()).item()
+
+
+def test_untraceable_root_forward_traces_each_child_with_producer_quantizers(caplog, monkeypatch):
+    import brecq.graph.prepare as prepare_module
+
+    torch.manual_seed(0)
+    model = _trained_like_batchnorms(_DataDependentRoot())
+    x = torch.randn(8, 3, 8, 8)
+    config = BrecqConfig(weight_bits=8, act_bits=8, **TINY)
+    with caplog.at_level(logging.WARNING):
+        qmodel, report = quantize(model, x, config)
+    assert "its children are traced" in caplog.text
+    branch = "up" if model.stem(x).mean() > 0 else "down"
+    blocks = [branch, "blocks.0", "blocks.1"]  # what the forward calls (not the other branch)
+    unused = ({"up", "down"} - {branch}) | {"blocks.2"}
+    assert set(qmodel.layers) == {"stem.0", "head.1"} | {
+        f"{b}.{layer}" for b in blocks for layer in ("conv1", "left", "right")}
+    assert not [n for n, m in qmodel.network.named_modules()
+                if isinstance(m, nn.BatchNorm2d) and n.rpartition(".")[0] not in unused]  # folded
+    assert _quant_off_error(qmodel, model, x) < 1e-4
+    for b in blocks:
+        # The ReLU output the two convs read has one quantizer, at the ReLU; the block's input
+        # has one at the block's boundary (read by conv1 and the residual add).
+        assert {f"{b}.x", f"{b}.relu"} <= set(qmodel.act_quantizers)
+        graph = qmodel.network.get_submodule(b).network.graph
+        reads = {n.target: n.args[0] for n in graph.nodes if n.target in (f"{b}.left", f"{b}.right")}
+        assert reads[f"{b}.left"] is reads[f"{b}.right"]
+        assert reads[f"{b}.left"].target.endswith("_act_quant")
+        unit = next(u for u in qmodel.units if f"{b}.conv1" in u.layers)
+        assert unit.name == b  # named after its module, as on a traced model
+        assert set(unit.layers) == {f"{b}.conv1", f"{b}.left", f"{b}.right"}  # one unit
+        assert {f"{b}.x", f"{b}.relu"} <= set(unit.act_quantizers)
+    with torch.no_grad():
+        ref, out = model(x), qmodel(x)
+    assert ((out - ref).norm() / ref.norm()).item() < 0.05
+    weights = [u for u in report.units if u.phase == "weights"]
+    assert [u.name for u in weights] == [u.name for u in qmodel.units]
+    assert all(u.loss_after <= u.loss_before * (1 + 1e-6) for u in report.units)
+
+    # The module-tree fallback on the same model: a quantizer at each reading layer.
+    monkeypatch.setattr(prepare_module, "_prepare_by_children", lambda *args: None)
+    tree = prepare(model, config, (x,))
+    assert not tree.traced
+    assert {f"{branch}.left", f"{branch}.right"} <= set(tree.act_quantizers)  # at both readers
+
+
+def test_untraceable_root_model_saves_and_loads_to_the_same_outputs(tmp_path):
+    from brecq import load_quantized, save_quantized
+
+    model = _trained_like_batchnorms(_DataDependentRoot())
+    x = torch.randn(8, 3, 8, 8)
+    config = BrecqConfig(weight_bits=4, act_bits=8, **TINY)
+    qmodel, _ = quantize(model, x, config)
+    save_quantized(qmodel, tmp_path, config=config)
+    loaded = load_quantized(_DataDependentRoot(), tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), qmodel(x), atol=1e-6)
+
+
+def test_a_child_whose_own_forward_is_untraceable_is_prepared_through_its_children():
+    class Chooser(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = _ForkBlock(8), _ForkBlock(8)
+
+        def forward(self, x):
+            return self.a(x) if x.sum() > 0 else self.b(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.chooser = nn.Sequential(nn.Conv2d(3, 8, 1)), Chooser()
+            self.head = nn.Sequential(nn.Linear(8, 2))
+
+        def forward(self, x):
+            x = self.chooser(self.stem(x)) if x.max() > -1e30 else x
+            return self.head(x.mean((2, 3)))
+
+    model = _trained_like_batchnorms(Net())
+    x = torch.randn(8, 3, 8, 8)
+    qmodel = prepare(model, BrecqConfig(weight_bits=8, act_bits=8), (x,))
+    taken = "chooser.a" if model.stem(x).sum() > 0 else "chooser.b"
+    assert [u.layers for u in qmodel.units] == [
+        ("stem.0",), (f"{taken}.conv1", f"{taken}.left", f"{taken}.right"), ("head.0",)]
+    assert {f"{taken}.x", f"{taken}.relu"} <= set(qmodel.act_quantizers)
+    assert qmodel.first_layers == ("stem.0",) and qmodel.last_layers == ("head.0",)
+    assert _quant_off_error(qmodel, model, x) < 1e-4
+
+
+def test_a_model_using_its_children_otherwise_than_calling_them_falls_back_to_the_module_tree(
+        caplog):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = _ForkBlock(8)
+            self.stem, self.head = nn.Sequential(nn.Conv2d(3, 8, 1)), nn.Sequential(nn.Linear(8, 2))
+
+        def forward(self, x):
+            x = self.body(self.stem(x)) if x.max() > -1e30 else x
+            # uses a child as a Sequential: a prepared child is not one
+            return self.head(x.mean((2, 3)).reshape(-1, 8 * len(self.stem)))
+
+    model = _trained_like_batchnorms(Net())
+    x = torch.randn(4, 3, 8, 8)
+    with caplog.at_level(logging.WARNING):
+        qmodel = prepare(model, BrecqConfig(weight_bits=8, act_bits=8), (x,))
+    assert "falling back to the module tree" in caplog.text
+    assert set(qmodel.layers) == {"stem.0", "body.conv1", "body.left", "body.right", "head.0"}
+    assert _quant_off_error(qmodel, model, x) < 1e-4

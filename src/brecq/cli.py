@@ -986,7 +986,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
           f"{total:,} weight parameters, {len(qmodel.act_quantizers)} activation quantizers")
     print(f"Config: {config.label}, granularity {config.granularity}, first/last bits "
           f"{config.first_last_bits if config.first_last_bits is not None else 'as others'}"
-          + ("" if qmodel.traced else "  (not traceable by torch.fx: module-tree fallback)"))
+          + ("" if qmodel.traced else "  (forward not traceable by torch.fx: see the warning above)"))
     print(f"Method: {config.method_summary()}")
     print(f"First layers: {', '.join(qmodel.first_layers) or '-'}")
     print(f"Last layers:  {', '.join(qmodel.last_layers) or '-'}")

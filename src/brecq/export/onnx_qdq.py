@@ -201,6 +201,11 @@ def qdq_network(qmodel: QuantizedModel, *, int4_weights: bool = False) -> nn.Mod
                     raise ModelError(f"activation quantizer {name!r} has no scale yet: export "
                                      "the model returned by brecq.quantize or load_quantized")
                 setattr(parent, name, _ActQDQ(child))
+    for part in net.modules():
+        if isinstance(part, QuantizedModel):
+            # A part traced on its own (the model's forward is not traceable) runs its graph,
+            # whose quantizers were just swapped, not the unit graphs made for reconstruction.
+            object.__setattr__(part, "_runner", None)
     if isinstance(net, torch.fx.GraphModule):
         net.recompile()
     return net

@@ -3,13 +3,16 @@
 Steps: copy the model; fold BatchNorm; swap Conv/Linear (and MultiheadAttention) for quantized
 wrappers; put one activation quantizer on every tensor that a quantized layer reads, right at
 the tensor's producer, so every consumer (residual adds included) sees the same quantized value;
-find reconstruction units. All on the torch.fx graph; a model fx cannot trace falls back to the
-module tree (layer inputs quantized at the layer, `nn.Sequential` children as units).
+find reconstruction units. All on the torch.fx graph. A model whose own forward fx cannot trace
+has each child traced and prepared on its own graph; only one that calls weight layers from
+untraceable code falls back to the module tree (layer inputs quantized at the layer,
+`nn.Sequential` children as units).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import fnmatch
 import logging
@@ -230,10 +233,15 @@ class _LeafTracer(fx.Tracer):
     whose code raised, so the caller can retry with that module kept whole.
     """
 
-    def __init__(self, leaves: set[str]) -> None:
+    def __init__(self, leaves: set[str], prefix: str = "") -> None:
         super().__init__()
         self.leaves = leaves
+        self.prefix = prefix
         self.failed_in: str | None = None
+
+    def path_of_module(self, mod: nn.Module) -> str:
+        # A submodule traced on its own gets the names it has in the whole model.
+        return self.prefix + super().path_of_module(mod)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaves:
@@ -267,12 +275,16 @@ def _bind_defaults(gm: fx.GraphModule, given: int) -> None:
     gm.recompile()
 
 
-def _trace(model: nn.Module) -> tuple[fx.GraphModule, set[str]]:
+def _trace(model: nn.Module, root: nn.Module | None = None,
+           prefix: str = "") -> tuple[fx.GraphModule, set[str]]:
     """Trace `model`, keeping whole each submodule fx cannot trace through; raises if the
-    model's own forward is what fails."""
+    model's own forward is what fails. `model` may be the submodule `prefix` of `root`: the graph
+    then names modules and attributes as `root` does."""
     leaves: set[str] = set()
     while True:
-        tracer = _LeafTracer(leaves)
+        tracer = _LeafTracer(leaves, prefix)
+        if prefix:  # every node runs inside that submodule, as when traced from `root`
+            tracer.module_stack[prefix[:-1]] = (prefix[:-1], type(model))
         try:
             graph = tracer.trace(model)
         except Exception:
@@ -280,7 +292,10 @@ def _trace(model: nn.Module) -> tuple[fx.GraphModule, set[str]]:
                 raise
             leaves.add(tracer.failed_in)
             continue
-        return fx.GraphModule(tracer.root, graph, type(model).__name__), leaves
+        for node in graph.nodes:
+            if node.op == "get_attr":
+                node.target = prefix + node.target
+        return fx.GraphModule(root or tracer.root, graph, type(model).__name__), leaves
 
 
 class _TensorRecorder(fx.Interpreter):
@@ -510,7 +525,9 @@ def _prepare_traced(
     gm: fx.GraphModule, config: BrecqConfig, example_inputs: tuple,
     unit_predicate: UnitPredicate | None, leaves: set[str] = frozenset(),
     called: list[str] = (), original: dict[str, nn.Module] | None = None,
+    model_input: bool = True,
 ) -> QuantizedModel:
+    """`model_input`: whether the graph's inputs are the model's (not a submodule's) inputs."""
     original = original if original is not None else dict(gm.named_modules())
     folded = fold_batchnorm_graph(gm)
     if leaves:
@@ -575,7 +592,8 @@ def _prepare_traced(
                 downstream = _downstream_layers(producer, layer_nodes)
                 before_last = bool(downstream) and downstream <= set(last)
                 # The network input feeds the first layers: it is as wide as their weights.
-                if feeds_last or after_first or before_last or producer.op == "placeholder":
+                is_model_input = producer.op == "placeholder" and model_input
+                if feeds_last or after_first or before_last or is_model_input:
                     bits = config.first_last_bits
             key = act_names[producer]
             bits = config.act_layer_bits.get(key, config.act_layer_bits.get(producer.name, bits))
@@ -611,7 +629,7 @@ def _prepare_traced(
 
 
 def _execution_order(model: nn.Module, example_inputs: tuple) -> tuple[list[str], dict]:
-    """Names of modules in the order they first run, and each layer's input/output tensor ids."""
+    """Names of modules in the order they first run, and each one's first (args, output, kwargs)."""
     order: list[str] = []
     io: dict[str, tuple] = {}
     handles = []
@@ -622,19 +640,103 @@ def _execution_order(model: nn.Module, example_inputs: tuple) -> tuple[list[str]
             if name not in order:
                 order.append(name)  # pre-hooks give parents before their children
 
-        def hook(mod, args, output, name=name):  # noqa: ANN001
-            io.setdefault(name, (args, output))
+        def hook(mod, args, kwargs, output, name=name):  # noqa: ANN001
+            io.setdefault(name, (args, output, kwargs))
 
         handles.append(module.register_forward_pre_hook(pre_hook))
-        handles.append(module.register_forward_hook(hook))
+        handles.append(module.register_forward_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
             output = model(*example_inputs)
     finally:
         for handle in handles:
             handle.remove()
-    io[""] = (example_inputs, output)
+    io[""] = (example_inputs, output, {})
     return order, io
+
+
+def _scoped(config: BrecqConfig, prefix: str, first: bool, last: bool) -> BrecqConfig:
+    """`config` for the submodule `prefix` prepared on its own: the names inside it, and first or
+    last layers found in its graph only where its input or output is the model's."""
+    def inside(names):  # noqa: ANN001, ANN202
+        return tuple(n for n in names or () if n == prefix or n.startswith(prefix + "."))
+
+    return config.replace(
+        layer_bits={k: v for k, v in config.layer_bits.items() if k.startswith(prefix + ".")},
+        act_layer_bits={k: v for k, v in config.act_layer_bits.items()
+                        if k.startswith(prefix + ".")},
+        first_layers=inside(config.first_layers) if config.first_layers is not None or not first
+        else None,
+        last_layers=inside(config.last_layers) if config.last_layers is not None or not last
+        else None,
+        unit_names=None if config.unit_names is None else inside(config.unit_names),
+    )
+
+
+def _prepare_by_children(
+    model: nn.Module, config: BrecqConfig, example_inputs: tuple,
+    unit_predicate: UnitPredicate | None, called: list[str],
+) -> QuantizedModel | None:
+    """For a model whose own forward fx cannot trace: prepare each child that holds weight
+    layers on its own fx graph (descending into a child whose own forward fails too), so inside
+    it quantizers sit at producers, BatchNorm folds on the graph and units follow data flow; the
+    model's forward then runs as written, calling the prepared children. A child's input gets its
+    quantizer at the child's boundary. None when a weight layer runs outside every traceable
+    child, or when the model's forward fails or computes otherwise with the prepared children
+    (`model` is then changed: start the fallback from a fresh copy)."""
+    order, io = _execution_order(model, example_inputs)
+    original = dict(model.named_modules())
+    model_in = {id(t) for t in example_inputs if isinstance(t, Tensor)}
+    model_out = id(io[""][1])
+    pending = [name for name, _ in model.named_children()]
+    traced: dict[str, tuple] = {}
+    while pending:
+        name = pending.pop()
+        if not any((layer.startswith(name + ".") or layer == name)
+                   and not _is_float_layer(layer, config) for layer in called):
+            continue
+        if isinstance(original[name], _WEIGHT_LAYERS):
+            return None  # called by code fx cannot trace: only the module tree reaches it
+        args, output, kwargs = io.get(name, ((None,), None, {}))
+        try:
+            if kwargs or not all(isinstance(a, Tensor) for a in args):
+                raise TypeError("only positional tensor inputs are traced")
+            gm, leaves = _trace(original[name], model, name + ".")
+        except Exception:  # noqa: BLE001 - its own forward does not trace: try its children
+            pending += [f"{name}.{child}" for child, _ in original[name].named_children()]
+            continue
+        traced[name] = (gm, leaves, args, any(id(a) in model_in for a in args), id(output) == model_out)
+    if not traced:
+        return None
+    children: dict[str, QuantizedModel] = {}
+    for name, (gm, leaves, args, is_first, is_last) in traced.items():
+        _bind_defaults(gm, len(args))
+        children[name] = _prepare_traced(
+            gm, _scoped(config, name, is_first, is_last), args, unit_predicate, leaves, called,
+            original, model_input=is_first)
+        _set_submodule(model, name, children[name])
+    try:  # the model's own code may also use what was replaced (a child's attributes, say)
+        with torch.no_grad(), state.quantization(model, weights=False, acts=False):
+            torch.testing.assert_close(model(*example_inputs), io[""][1], rtol=1e-3, atol=1e-3)
+    except Exception as exc:  # noqa: BLE001 - any failure or difference: not usable
+        logger.info("preparing the children of %s on their own changes its output (%s)",
+                    type(model).__name__, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
+    ordered = [children[name] for name in sorted(children, key=order.index)]
+    layers = {k: v for c in ordered for k, v in c.layers.items()}
+    act_quantizers = {k: v for c in ordered for k, v in c.act_quantizers.items()}
+    _check_names(config.layer_bits, list(layers), "layer_bits")
+    _check_names(config.act_layer_bits, list(act_quantizers), "act_layer_bits")
+    for what in ("first_layers", "last_layers", "unit_names"):
+        _check_names(getattr(config, what), [*layers, *(u.name for c in ordered for u in c.units)],
+                     what)
+    return QuantizedModel(
+        model, layers, act_quantizers,
+        # a child taken whole ("net" granularity) is a unit named after the child
+        [dataclasses.replace(u, name=n) if u.kind == "net" else u
+         for n in sorted(children, key=order.index) for u in children[n].units], None,
+        tuple(n for c in ordered for n in c.first_layers),
+        tuple(n for c in ordered for n in c.last_layers), traced=False)
 
 
 def _prepare_module_tree(
@@ -779,14 +881,14 @@ def _float_reason(name: str, module: nn.Module, qmodel: QuantizedModel, read_dir
         return ("the model's code reads its weight directly (e.g. F.linear(x, self.fc.weight)) "
                 "and also calls the layer, or outside the traced graph")
     if not qmodel.traced:
-        return "the module-tree fallback (model not traceable by torch.fx) did not reach it"
+        return "the model's forward is not traceable by torch.fx and its fallback did not reach it"
     return "it is not called as a module in the traced graph"
 
 
-def _check_all_quantized(model: nn.Module, qmodel: QuantizedModel, called: list[str],
+def _check_all_quantized(modules: dict[str, nn.Module], qmodel: QuantizedModel, called: list[str],
                          direct_reads: set[str], config: BrecqConfig) -> None:
-    """Fail when a Conv/Linear that takes part in the forward pass is left in float unasked."""
-    modules = dict(model.named_modules())
+    """Fail when a Conv/Linear that takes part in the forward pass is left in float unasked
+    (`modules`: the model's modules before prepare)."""
     quantized = set(qmodel.layers)
     missing = []
     for name in dict.fromkeys([*called, *sorted(n for n in direct_reads if n in modules)]):
@@ -832,16 +934,25 @@ def prepare(
         example_inputs = tuple(x.to(model_device) if isinstance(x, Tensor) else x
                                for x in example_inputs)
     called = _called_weight_layers(work, example_inputs)
+    modules = dict(work.named_modules())
     direct_reads: set[str] = set()
     try:
         traced, leaves = _trace(work)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure means: use the module tree
-        logger.warning(
-            "torch.fx cannot trace %s (%s: %s); falling back to the module tree: activation "
-            "inputs are quantized at each layer and nn.Sequential children are the units",
-            type(model).__name__, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "",
-        )
-        qmodel = _prepare_module_tree(work, config, example_inputs, unit_predicate)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure: trace the parts, or the tree
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        qmodel = _prepare_by_children(work, config, example_inputs, unit_predicate, called)
+        if qmodel is not None:
+            logger.warning(
+                "torch.fx cannot trace the forward of %s (%s); its children are traced and "
+                "prepared one by one, and its own forward runs as written", type(model).__name__,
+                reason)
+        else:
+            logger.warning(
+                "torch.fx cannot trace %s (%s), nor can its children stand for it; falling back "
+                "to the module tree: activation inputs are quantized at each layer and "
+                "nn.Sequential children are the units", type(model).__name__, reason)
+            work = copy.deepcopy(model).eval()
+            qmodel = _prepare_module_tree(work, config, example_inputs, unit_predicate)
     else:
         if leaves:
             logger.warning(
@@ -852,8 +963,8 @@ def prepare(
         _bind_defaults(traced, len(example_inputs))
         direct_reads = {n.target.rpartition(".")[0] for n in traced.graph.nodes if n.op == "get_attr"}
         qmodel = _prepare_traced(traced, config, example_inputs, unit_predicate, leaves, called,
-                                 dict(work.named_modules()))
-    _check_all_quantized(work, qmodel, called, direct_reads, config)
+                                 modules)
+    _check_all_quantized(modules, qmodel, called, direct_reads, config)
     if len(example_inputs) == 1 and isinstance(example_inputs[0], Tensor):
         qmodel.example_input_shape = [1, *example_inputs[0].shape[1:]]
     return qmodel
