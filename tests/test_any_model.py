@@ -225,7 +225,6 @@ def _random_head(vit):
 
 
 def _family(name):
-    import timm
     import torchvision.models as tvm
     from torchvision.models.convnext import CNBlockConfig
 
@@ -235,7 +234,8 @@ def _family(name):
         "squeezenet": lambda: tvm.squeezenet1_1(weights=None),
         "convnext": lambda: tvm.ConvNeXt([CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 2)]),
         "mobilenet_v3_se": lambda: tvm.mobilenet_v3_small(weights=None),
-        "timm_tf_efficientnet": lambda: timm.create_model("tf_efficientnet_b0", pretrained=False),
+        "timm_tf_efficientnet": lambda: pytest.importorskip("timm").create_model(
+            "tf_efficientnet_b0", pretrained=False),
         "vit": lambda: _random_head(tvm.VisionTransformer(
             image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64)),
         "regnet_se": lambda: tvm.regnet_y_400mf(weights=None),
