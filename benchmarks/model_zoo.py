@@ -25,7 +25,6 @@ import time
 import warnings
 from pathlib import Path
 
-import timm
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -53,6 +52,11 @@ SIZES = (64, 96, 128, 224, 299)
 
 def build(name: str) -> nn.Module:
     if name.startswith("timm/"):
+        try:
+            import timm
+        except ImportError:
+            raise SystemExit(f"{name} needs timm: pip install -e '.[timm]' (or pass --models "
+                             "with torchvision models only)") from None
         return timm.create_model(name[5:], pretrained=False)
     return torchvision.models.get_model(name, weights=None)
 
