@@ -282,19 +282,6 @@ def test_every_family_quantizes_every_layer_and_w8a8_stays_close_to_float(family
     assert cosine > 0.9, f"{family}: cosine {cosine:.3f}"
 
 
-def test_model_with_an_untraceable_block_saves_and_loads_to_the_same_outputs(tmp_path):
-    from brecq import load_quantized, save_quantized
-
-    model = _trained_like_batchnorms(_NetWithUntraceableBlock())
-    x = torch.randn(8, 3, 16, 16)
-    config = BrecqConfig(weight_bits=4, act_bits=8, **TINY)
-    qmodel, _ = quantize(model, x, config)
-    save_quantized(qmodel, tmp_path, config=config)
-    loaded = load_quantized(_NetWithUntraceableBlock(), tmp_path)
-    with torch.no_grad():
-        assert torch.allclose(loaded(x), qmodel(x), atol=1e-6)
-
-
 def test_conv_subclass_and_untraceable_block_export_to_onnx_matching_pytorch(tmp_path):
     np = pytest.importorskip("numpy")
     ort = pytest.importorskip("onnxruntime")
@@ -422,19 +409,6 @@ def test_untraceable_root_forward_traces_each_child_with_producer_quantizers(cap
     assert {f"{branch}.left", f"{branch}.right"} <= set(tree.act_quantizers)  # at both readers
 
 
-def test_untraceable_root_model_saves_and_loads_to_the_same_outputs(tmp_path):
-    from brecq import load_quantized, save_quantized
-
-    model = _trained_like_batchnorms(_DataDependentRoot())
-    x = torch.randn(8, 3, 8, 8)
-    config = BrecqConfig(weight_bits=4, act_bits=8, **TINY)
-    qmodel, _ = quantize(model, x, config)
-    save_quantized(qmodel, tmp_path, config=config)
-    loaded = load_quantized(_DataDependentRoot(), tmp_path)
-    with torch.no_grad():
-        assert torch.allclose(loaded(x), qmodel(x), atol=1e-6)
-
-
 def test_a_child_whose_own_forward_is_untraceable_is_prepared_through_its_children():
     class Chooser(nn.Module):
         def __init__(self):
@@ -485,3 +459,18 @@ def test_a_model_using_its_children_otherwise_than_calling_them_falls_back_to_th
     assert "falling back to the module tree" in caplog.text
     assert set(qmodel.layers) == {"stem.0", "body.conv1", "body.left", "body.right", "head.0"}
     assert _quant_off_error(qmodel, model, x) < 1e-4
+
+
+@pytest.mark.parametrize("model_class, size", [(_NetWithUntraceableBlock, 16), (_DataDependentRoot, 8)],
+                         ids=["untraceable_block", "untraceable_root"])
+def test_partly_traced_models_save_and_load_to_the_same_outputs(tmp_path, model_class, size):
+    from brecq import load_quantized, save_quantized
+
+    model = _trained_like_batchnorms(model_class())
+    x = torch.randn(8, 3, size, size)
+    config = BrecqConfig(weight_bits=4, act_bits=8, **TINY)
+    qmodel, _ = quantize(model, x, config)
+    save_quantized(qmodel, tmp_path, config=config)
+    loaded = load_quantized(model_class(), tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), qmodel(x), atol=1e-6)

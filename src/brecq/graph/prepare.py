@@ -311,9 +311,12 @@ def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
     return [a for a in node.all_input_nodes if a.meta.get("brecq_is_tensor", False)]
 
 
-def _upstream_layers(start: fx.Node, layer_nodes: set[fx.Node]) -> set:
-    """Layers (or the model input) that reach `start` without crossing another layer."""
-    found, stack, seen = set(), [start], set()
+def _nearest_layers(start: fx.Node, layer_nodes: set[fx.Node], upstream: bool) -> set:
+    """Layers reached from `start` without crossing another layer: upstream (`start` itself
+    included) the layers or model input it reads from, downstream the layers or model output
+    that read it."""
+    found, stack, seen = set(), [start] if upstream else list(start.users), set()
+    end_op, end_mark = ("placeholder", _INPUT) if upstream else ("output", _OUTPUT)
     while stack:
         node = stack.pop()
         if node in seen:
@@ -321,27 +324,10 @@ def _upstream_layers(start: fx.Node, layer_nodes: set[fx.Node]) -> set:
         seen.add(node)
         if node in layer_nodes:
             found.add(node.target)
-        elif node.op == "placeholder":
-            found.add(_INPUT)
+        elif node.op == end_op:
+            found.add(end_mark)
         else:
-            stack.extend(_tensor_inputs(node))
-    return found
-
-
-def _downstream_layers(start: fx.Node, layer_nodes: set[fx.Node]) -> set:
-    """Layers (or the model output) that `start` reaches without crossing another layer."""
-    found, stack, seen = set(), list(start.users), set()
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node in layer_nodes:
-            found.add(node.target)
-        elif node.op == "output":
-            found.add(_OUTPUT)
-        else:
-            stack.extend(node.users)
+            stack.extend(_tensor_inputs(node) if upstream else node.users)
     return found
 
 
@@ -551,7 +537,7 @@ def _prepare_traced(
     if first is None:
         first = tuple(sorted({
             n.target for n in layer_nodes
-            if any(_INPUT in _upstream_layers(a, layer_nodes)
+            if any(_INPUT in _nearest_layers(a, layer_nodes, upstream=True)
                    for a in _activation_inputs(n, gm.get_submodule(n.target)))
         }))
     last = config.last_layers
@@ -585,11 +571,11 @@ def _prepare_traced(
             # quantized (e.g. a residual add input) is stored and added in int8 there anyway.
             bits = config.act_bits if producer in producers else max(config.act_bits, 8)
             if config.first_last_bits is not None:
-                upstream = _upstream_layers(producer, layer_nodes)
+                upstream = _nearest_layers(producer, layer_nodes, upstream=True)
                 feeds_last = bool(consumers & set(last))
                 after_first = bool(upstream) and upstream <= set(first)
                 # E.g. a pooling input that only the classifier reads on (backend placement).
-                downstream = _downstream_layers(producer, layer_nodes)
+                downstream = _nearest_layers(producer, layer_nodes, upstream=False)
                 before_last = bool(downstream) and downstream <= set(last)
                 # The network input feeds the first layers: it is as wide as their weights.
                 is_model_input = producer.op == "placeholder" and model_input
