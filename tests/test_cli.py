@@ -21,15 +21,16 @@ FAST = ["--iters-w", "2", "--iters-a", "2", "--calib-size", "8", "--batch-size",
         "--act-init-samples", "4", "--workers", "0", "--device", "cpu", "--allow-class-mismatch"]
 
 
-def _make_split(root: Path, split: str, classes=("cat", "dog"), per_class: int = 6) -> None:
+def _make_split(root: Path, split: str, classes=("cat", "dog"), per_class: int = 6,
+                mode: str = "RGB") -> None:
     gen = torch.Generator().manual_seed(len(split))
     for c, name in enumerate(classes):
         folder = root / split / name
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             pixels = torch.randint(0, 256, (32, 32, 3), generator=gen, dtype=torch.uint8)
-            pixels[..., c] = 255 - 20 * i  # a class-dependent colour channel
-            Image.fromarray(pixels.numpy()).save(folder / f"{i:03d}.png")
+            pixels[..., c % 3] = 255 - 20 * i  # a class-dependent colour channel
+            Image.fromarray(pixels.numpy()).convert(mode).save(folder / f"{i:03d}.png")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 import brecq
 from brecq import BrecqConfig
@@ -25,6 +24,7 @@ from brecq.config import AUTO_RULES, auto_rule
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _cli_models import tiny_net  # noqa: E402
+from test_cli import _make_split  # noqa: E402
 
 TINY = f"{HERE / '_cli_models.py'}:tiny_net"
 PREP = ["--crop", "32", "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25"]
@@ -32,23 +32,11 @@ FAST = ["--iters-w", "4", "--iters-a", "2", "--calib-size", "8", "--batch-size",
         "--act-init-samples", "4", "--workers", "0", "--device", "cpu"]
 
 
-def _images(root: Path, split: str, classes=("cat", "dog"), per_class: int = 4,
-            mode: str = "RGB") -> None:
-    gen = torch.Generator().manual_seed(len(split))
-    for c, name in enumerate(classes):
-        folder = root / split / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            pixels = torch.randint(0, 256, (32, 32, 3), generator=gen, dtype=torch.uint8)
-            pixels[..., c % 3] = 255 - 20 * i
-            Image.fromarray(pixels.numpy()).convert(mode).save(folder / f"{i:03d}.png")
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("two_classes")
-    _images(root, "train")
-    _images(root, "val")
+    _make_split(root, "train", per_class=4)
+    _make_split(root, "val", per_class=4)
     return root
 
 
@@ -116,7 +104,7 @@ def test_class_count_mismatch_is_refused_before_work_or_warned(data, tmp_path):
 
 
 def test_grayscale_images_are_converted_with_a_warning(tmp_path):
-    _images(tmp_path, "val", mode="L")
+    _make_split(tmp_path, "val", mode="L", per_class=4)
     proc = _run("eval", "--model", TINY, *PREP, "--data", str(tmp_path), "--workers", "0")
     assert proc.returncode == 0, proc.stderr
     assert "8 of 8 sampled images" in proc.stderr and "grayscale" in proc.stderr
