@@ -9,7 +9,7 @@ is the fast loop with no graph):
   (b) torchvision ResNet-18 `layer1.0` and `layer4.1` at 224x224, batch 32 (random weights and
       inputs: the arithmetic is what is timed);
   (c) the whole ResNet-20 W4A4 BRECQ pipeline at the given budget: wall time, final unit
-      losses and, when ../shared holds CIFAR-10 and the pretrained weights, top-1 on val.
+      losses and, when the data root holds CIFAR-10 and the pretrained weights, top-1 on val.
 
 Per-iteration time is the AdaRound loop of `optimize_unit` (what 20,000 iterations per unit
 repeat): (time of N iterations - time of N/5 iterations) / (4N/5), so that what each call pays
@@ -50,10 +50,7 @@ from brecq.recon.reconstruct import (
     UnitObjective,
     optimize_unit,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-SHARED = ROOT.parent / "shared"
+from common import RESULTS, Cifar10, add_data_root_argument
 
 
 def parse_variant(text: str) -> LoopOptions:
@@ -153,19 +150,16 @@ def matmul_gflops(device: torch.device) -> float:
 
 
 def pipeline_runs(device: torch.device, variants: list[str], iters_w: int, iters_a: int,
-                  calib_size: int) -> list[dict]:
-    """Whole ResNet-20 W4A4 BRECQ runs; real data and weights from ../shared when present."""
-    weights = SHARED / "weights" / "cifar10" / "resnet20.pt"
-    data_dir = SHARED / "data" / "cifar10"
-    real = weights.is_file() and (data_dir / "train").is_dir() and (data_dir / "val").is_dir()
+                  calib_size: int, cifar: Cifar10) -> list[dict]:
+    """Whole ResNet-20 W4A4 BRECQ runs; real data and weights from the data root when present."""
+    real = not cifar.missing(["resnet20"])
     if real:
-        from brecq.data import eval_loader, load_calibration
+        from brecq.data import eval_loader
         from brecq.evaluate import evaluate
-        from brecq.models import build_model
 
-        model, prep = build_model("cifar_resnet20", weights=str(weights))
-        calib = load_calibration(data_dir, prep.to_transform(), num_samples=calib_size, seed=0)
-        val = eval_loader(data_dir, prep.to_transform(), batch_size=500, num_workers=2)
+        model, prep = cifar.build("resnet20")
+        calib = cifar.calibration(prep.to_transform(), calib_size, 0)
+        val = eval_loader(cifar.data_dir, prep.to_transform(), batch_size=500, num_workers=2)
     else:
         torch.manual_seed(0)
         model, calib = cifar_resnet20(), torch.randn(calib_size, 3, 32, 32)
@@ -187,7 +181,7 @@ def pipeline_runs(device: torch.device, variants: list[str], iters_w: int, iters
                "wall_seconds": time.perf_counter() - started,
                "final_losses": [round(u.loss_after, 6) for u in report.units],
                "sum_final_loss": sum(u.loss_after for u in report.units),
-               "data": "cifar10 (../shared)" if real else "random (../shared absent)"}
+               "data": "cifar10" if real else "random (no CIFAR-10 under the data root)"}
         if device.type == "cuda":
             row["peak_device_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         if real:
@@ -268,6 +262,7 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated parts to leave out:"
                         " resnet20,resnet18,pipeline,resnet50-cache")
     parser.add_argument("--out", type=Path, default=RESULTS / "speed.json")
+    add_data_root_argument(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -315,7 +310,8 @@ def main() -> None:
 
     if "pipeline" not in skip and args.pipeline_iters != "skip":
         iters_w, iters_a = (int(v) for v in args.pipeline_iters.split(","))
-        rows = pipeline_runs(device, variants, iters_w, iters_a, args.calib_size)
+        rows = pipeline_runs(device, variants, iters_w, iters_a, args.calib_size,
+                             Cifar10.under(args.data_root))
         print(f"\nResNet-20 W4A4 BRECQ, {iters_w}/{iters_a} iterations per unit, "
               f"{args.calib_size} calibration images ({rows[0]['data']}):")
         for r in rows:
