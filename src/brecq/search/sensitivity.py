@@ -41,6 +41,7 @@ from ..fileio import atomic_write_text
 from ..graph.layers import calibrated_weight_quantizer
 from ..graph.model import QuantizedModel, Unit, weight_label
 from ..graph.prepare import prepare
+from ..hashing import hash_tensor
 from ..quant.quantizers import WeightQuantizer
 from ..recon.cache import ActivationCache
 from ..recon.pipeline import CAPTURE_BATCH, CachePlacement, capture, resolve_device
@@ -133,20 +134,14 @@ def load_table(path: Path, fingerprint: str) -> SensitivityTable | None:
 # ------------------------------------------------------------------------------ fingerprint
 
 
-def _hash_tensor(h: Any, tensor: Tensor) -> None:
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    h.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
-    h.update(flat.view(torch.uint8).numpy().tobytes())
-
-
 def fingerprint(model: nn.Module, samples: Tensor, config: BrecqConfig,
                 search: SearchConfig) -> str:
     """Hash of what the table depends on: weights, samples, and the relevant settings."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
-        _hash_tensor(h, tensor)
-    _hash_tensor(h, samples)
+        hash_tensor(h, tensor)
+    hash_tensor(h, samples)
     settings = {
         "config": {k: v for k, v in config.to_dict().items() if k not in _IRRELEVANT_FIELDS},
         "search": {k: v for k, v in search.to_dict().items() if k not in _SEARCH_ONLY_FIELDS},
