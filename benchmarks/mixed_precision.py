@@ -141,7 +141,7 @@ def _run_one(args: argparse.Namespace, model: torch.nn.Module, calib: torch.Tens
     rec.update(
         budget=budget, uniform_bits=uniform_bits, top1=res["top1"], top5=res["top5"],
         eval_count=res["count"], weight_size_bits=size_bits, mean_weight_bits=mean_bits,
-        layer_bits={n: qmodel._layer_bits(n) for n in qmodel.layers},
+        layer_bits={n: qmodel.layer_bits(n) for n in qmodel.layers},
         seconds=time.perf_counter() - started, recon_seconds=report.recon_seconds,
         peak_rss_mb=peak_rss_mb(), device=report.device, host=platform.node(),
         torch_threads=torch.get_num_threads(), finished=time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -10,7 +10,8 @@ from .errors import (
     ReconstructionError,
 )
 from .export import load_quantized, save_quantized
-from .graph.prepare import QuantizedModel, Unit, prepare
+from .graph.model import QuantizedModel, Unit
+from .graph.prepare import prepare
 from .recon.pipeline import QuantizationReport, UnitReport, quantize
 
 __all__ = [

@@ -27,6 +27,7 @@ import torch.distributed as torch_dist
 from torch import Tensor
 
 from .errors import ConfigError, ReconstructionError
+from .hashing import hash_tensor
 from .quant.quantizers import search_stride
 
 logger = logging.getLogger(__name__)
@@ -203,10 +204,8 @@ class DistContext:
 
 def _digest(tensor: Tensor) -> int:
     """64-bit hash of a tensor's dtype, shape and bytes."""
-    data = tensor.detach().to("cpu").contiguous().reshape(-1)
     h = hashlib.blake2b(digest_size=8)
-    h.update(f"{data.dtype}{tuple(tensor.shape)}".encode())
-    h.update(data.view(torch.uint8).numpy().tobytes())
+    hash_tensor(h, tensor)
     return int.from_bytes(h.digest(), "little", signed=True)
 
 

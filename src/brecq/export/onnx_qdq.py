@@ -44,11 +44,11 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ModelError
-from ..graph.prepare import QuantizedModel
+from ..fileio import atomic_write_bytes
+from ..graph.model import QuantizedModel
 from ..quant import primitives as P
 from ..quant.modules import QuantizedWeights
 from ..quant.quantizers import ActQuantizer, BiasQuantizer, WeightQuantizer
-from .artifact import _atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -318,9 +318,8 @@ def export_onnx(
     model.producer_name = "brecq"
     onnx.checker.check_model(model)
     out = Path(path).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
     data = model.SerializeToString()
-    _atomic_write(out, lambda tmp: Path(tmp).write_bytes(data))
+    atomic_write_bytes(out, data)
     logger.info("exported QDQ ONNX model to %s (opset %d, %d quantized weights, %.1f KiB)",
                 out, opset, folded, len(data) / 1024)
     return out

@@ -62,6 +62,19 @@ class WeightQuantizer(nn.Module):
         self.soft = True
         return self.alpha
 
+    @torch.no_grad()
+    def load_codes(self, codes: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+        """Take saved integer codes (whole numbers in [qmin, qmax]) with their scale and zero
+        point, rounding to nearest from now on (any learned rounding is dropped). Returns the
+        float weight `(codes - zero_point) * scale`, which this quantizer maps back to exactly
+        `codes`."""
+        self.alpha = None
+        self.w_floor = None
+        self.soft = False
+        self.scale = scale.clone()
+        self.zero_point = zero_point.clone()
+        return (codes.to(scale.dtype) - self.zero_point) * self.scale
+
     def set_soft(self, soft: bool) -> None:
         if soft and self.alpha is None:
             raise RuntimeError("soft rounding needs begin_adaround() first")

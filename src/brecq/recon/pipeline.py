@@ -24,7 +24,8 @@ from .. import progress
 from ..config import BrecqConfig
 from ..distributed import SINGLE_PROCESS, DistContext, current
 from ..errors import ConfigError, DataError, ModelError, ReconstructionError
-from ..graph.prepare import QuantizedModel, Unit, prepare
+from ..graph.model import QuantizedModel, Unit
+from ..graph.prepare import prepare
 from ..quant import state
 from ..text import format_table
 from .cache import ActivationCache

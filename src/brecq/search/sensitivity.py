@@ -38,7 +38,10 @@ from torch import Tensor, nn
 from ..config import DEFAULT_ROUND_LAMBDA, DEFAULT_WEIGHT_LR, BrecqConfig
 from ..errors import ConfigError
 from ..fileio import atomic_write_text
-from ..graph.prepare import QuantizedModel, Unit, _weight_quantizer, prepare
+from ..graph.layers import calibrated_weight_quantizer
+from ..graph.model import QuantizedModel, Unit, weight_label
+from ..graph.prepare import prepare
+from ..hashing import hash_tensor
 from ..quant.quantizers import WeightQuantizer
 from ..recon.cache import ActivationCache
 from ..recon.pipeline import CAPTURE_BATCH, CachePlacement, capture, resolve_device
@@ -131,20 +134,14 @@ def load_table(path: Path, fingerprint: str) -> SensitivityTable | None:
 # ------------------------------------------------------------------------------ fingerprint
 
 
-def _hash_tensor(h: Any, tensor: Tensor) -> None:
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    h.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
-    h.update(flat.view(torch.uint8).numpy().tobytes())
-
-
 def fingerprint(model: nn.Module, samples: Tensor, config: BrecqConfig,
                 search: SearchConfig) -> str:
     """Hash of what the table depends on: weights, samples, and the relevant settings."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
-        _hash_tensor(h, tensor)
-    _hash_tensor(h, samples)
+        hash_tensor(h, tensor)
+    hash_tensor(h, samples)
     settings = {
         "config": {k: v for k, v in config.to_dict().items() if k not in _IRRELEVANT_FIELDS},
         "search": {k: v for k, v in search.to_dict().items() if k not in _SEARCH_ONLY_FIELDS},
@@ -217,48 +214,34 @@ def candidate_assignments(layers: Sequence[str], infos: dict[str, LayerInfo],
 # ------------------------------------------------------------------------------ measuring
 
 
-def _quantizer_slots(layer: nn.Module) -> list[str]:
-    """Attribute names of a layer's weight quantizers, in `weight_quantizers()` order."""
-    by_id = {id(child): name for name, child in layer.named_children()
-             if isinstance(child, WeightQuantizer)}
-    return [by_id[id(q)] for _, _, q in layer.weight_quantizers()]
-
-
 class _QuantizerBank:
     """Weight quantizers calibrated once per (layer, bits), swapped into the layers on demand."""
 
     def __init__(self, qmodel: QuantizedModel, config: BrecqConfig) -> None:
         self.qmodel, self.config = qmodel, config
-        self._made: dict[tuple[str, int], list[WeightQuantizer]] = {}
+        self._made: dict[tuple[str, int], dict[str, WeightQuantizer]] = {}
 
-    def get(self, name: str, bits: int) -> list[WeightQuantizer]:
+    def get(self, name: str, bits: int) -> dict[str, WeightQuantizer]:
+        """Quantizers of `bits` for the weights of layer `name`, by weight quantizer name."""
         key = (name, bits)
         if key not in self._made:
-            self._made[key] = [_weight_quantizer(self.config, bits, w)
-                               for _, w, _ in self.qmodel.layers[name].weight_quantizers()]
+            self._made[key] = {
+                weight_label(name, weight_name): calibrated_weight_quantizer(self.config, bits, w)
+                for weight_name, w, _ in self.qmodel.layers[name].weight_quantizers()
+            }
         return self._made[key]
 
     @contextmanager
     def assigned(self, layers: Sequence[str], bits: Sequence[int], fresh: bool = False
                  ) -> Iterator[list[tuple[WeightQuantizer, Tensor]]]:
         """Layers use quantizers of the given bits inside (copies when `fresh`); restored after."""
-        saved = []
-        pairs = []
-        try:
-            for name, b in zip(layers, bits):
-                layer = self.qmodel.layers[name]
-                quantizers = self.get(name, b)
-                if fresh:
-                    quantizers = [copy.deepcopy(q) for q in quantizers]
-                weights = [w for _, w, _ in layer.weight_quantizers()]
-                for slot, q, w in zip(_quantizer_slots(layer), quantizers, weights):
-                    saved.append((layer, slot, getattr(layer, slot)))
-                    setattr(layer, slot, q)
-                    pairs.append((q, w.detach()))
-            yield pairs
-        finally:
-            for layer, slot, original in reversed(saved):
-                setattr(layer, slot, original)
+        chosen = {
+            label: copy.deepcopy(q) if fresh else q
+            for name, b in zip(layers, bits) for label, q in self.get(name, b).items()
+        }
+        with self.qmodel.weight_quantizers_swapped(chosen):
+            yield [(q, w.detach()) for name in layers
+                   for _, w, q in self.qmodel.layers[name].weight_quantizers()]
 
 
 def _as_tuple(out: Any) -> tuple[Tensor, ...]:
