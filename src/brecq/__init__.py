@@ -11,7 +11,8 @@ from .errors import (
 )
 from .export import load_quantized, save_quantized
 from .graph.prepare import QuantizedModel, Unit, prepare
-from .recon.pipeline import QuantizationReport, UnitReport, quantize
+from .recon.pipeline import quantize
+from .recon.report import QuantizationReport, UnitReport
 
 __all__ = [
     "BrecqConfig",

@@ -542,6 +542,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         raise UsageError(f"quantize needs both --model and --data ({missing} is missing); "
                          "give neither to run the offline MNIST demo")
     from .recon import pipeline
+    from .runtime import resolve_device
 
     requested = config_from_args(args)
     # `--method auto` and the method-dependent defaults become concrete here, so that the first
@@ -565,7 +566,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     # Under torchrun every rank runs this: each calibrates on its shard and evaluates its part
     # of the validation set; rank 0 prints, writes the report and saves the model.
-    with distributed.session(pipeline.resolve_device(config.device), config.dist_timeout) as dist:
+    with distributed.session(resolve_device(config.device), config.dist_timeout) as dist:
         if not dist.is_main:
             logging.getLogger("brecq").setLevel(logging.WARNING)
         summary = requested.method_summary()
@@ -635,13 +636,14 @@ def _quantize_and_report(args: argparse.Namespace, config: BrecqConfig, pipeline
 
     from .data import load_calibration
     from .evaluate import evaluate
+    from .runtime import resolve_device
 
     say = print if dist.is_main else _quiet
     # Layers the weights do not cover start from the same random values on every rank.
     torch.manual_seed(config.seed)
     model, base_prep = _build(args)
     prep = _preprocessing(args, base_prep)
-    device = pipeline.resolve_device(config.device)
+    device = resolve_device(config.device)
     logger.info("preprocessing: %s", prep)
     _check_data(args, model, prep, calib_size=config.calib_size,
                 act_init_samples=config.act_init_samples if config.act_bits is not None else None)
@@ -771,6 +773,7 @@ def _demo_defaults(args: argparse.Namespace) -> dict[str, Any]:
 def _run_demo(args: argparse.Namespace) -> int:
     """Offline MNIST demo: FP, round-to-nearest and BRECQ (and QDrop) at W4A4 and W2A4."""
     from .recon import pipeline
+    from .runtime import resolve_device
 
     if args.resume is not None:
         raise UsageError("--resume applies to --model/--data runs, not to the demo")
@@ -788,7 +791,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     methods = ([values["method"]] if values.get("method") in DEMO_METHODS else list(DEMO_METHODS))
     values.pop("method", None)
     base = BrecqConfig.from_dict(values)
-    device = pipeline.resolve_device(base.device)
+    device = resolve_device(base.device)
     if args.out is not None:
         _check_out_is_free(Path(args.out).expanduser(), args.overwrite)
     out = _make_out_dir(args.out) if args.out is not None else None
@@ -908,7 +911,7 @@ def _quantized_model(args: argparse.Namespace, export: Any, qdir: Path) -> tuple
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
-    from .recon.pipeline import resolve_device
+    from .runtime import resolve_device
 
     if args.data is None:
         raise UsageError("eval needs --data DIR (a folder with val/<class>/ images)")
