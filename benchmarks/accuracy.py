@@ -36,7 +36,8 @@ from brecq.data import ImageFolderDataset, eval_loader, load_calibration
 from brecq.errors import ConfigError
 from brecq.evaluate import evaluate
 from brecq.models import build_model
-from brecq.recon.pipeline import quantize, resolve_device
+from brecq.recon.pipeline import quantize
+from brecq.runtime import resolve_device
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

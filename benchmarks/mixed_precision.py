@@ -47,7 +47,8 @@ from brecq.config import BrecqConfig
 from brecq.data import load_calibration
 from brecq.evaluate import evaluate
 from brecq.models import build_model
-from brecq.recon.pipeline import quantize, resolve_device
+from brecq.recon.pipeline import quantize
+from brecq.runtime import resolve_device
 
 # Run name -> (uniform weight bits, size budget of the search or None for the uniform run).
 RUNS: dict[str, tuple[int, str | None]] = {

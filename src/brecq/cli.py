@@ -772,7 +772,6 @@ def _demo_defaults(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_demo(args: argparse.Namespace) -> int:
     """Offline MNIST demo: FP, round-to-nearest and BRECQ (and QDrop) at W4A4 and W2A4."""
-    from .recon import pipeline
     from .runtime import resolve_device
 
     if args.resume is not None:

@@ -46,7 +46,7 @@ def optimize_unit(
     schedule: Schedule,
     generator: torch.Generator,
     description: str = "",
-    options: LoopOptions = LoopOptions(),
+    options: LoopOptions | None = None,
     dist: DistContext = SINGLE_PROCESS,
     drop_generator: torch.Generator | None = None,
     executor: Executor | None = None,
@@ -59,6 +59,7 @@ def optimize_unit(
     device. With several ranks (`dist`), `cache` holds this rank's shard and every rank ends
     with the same parameters. `executor` overrides how the steps run (`select_executor`).
     """
+    options = options or LoopOptions()
     if schedule.drop_prob > 0 and drop_generator is None:
         raise ValueError("QDrop (drop_prob > 0) draws its masks from drop_generator: pass one")
     objective: Objective = UnitObjective(unit, cache, schedule.loss_p, options.channels_last,
