@@ -30,6 +30,7 @@ import torch
 
 from brecq import BrecqConfig, ConfigError, quantize
 from brecq.evaluate import evaluate
+from brecq.runtime import resolve_device
 from common import (
     BRECQ_FIELDS,
     METHODS,
@@ -44,7 +45,6 @@ from common import (
     parse_bits,
     parse_seeds,
     peak_rss_mb,
-    resolve_device,
     skip,
 )
 

@@ -173,13 +173,6 @@ class EvalData:
         return self._pair
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto`: CUDA where there is one, else the CPU; any other name as torch spells it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 # ----------------------------------------------------------------------------- command line
 
 

@@ -34,6 +34,7 @@ import torch
 
 from brecq import BrecqConfig, prepare, quantize
 from brecq.evaluate import evaluate
+from brecq.runtime import resolve_device
 from brecq.search import Problem, SearchConfig, Solution, measure_sensitivity
 from common import (
     MODELS,
@@ -46,7 +47,6 @@ from common import (
     load_records,
     parse_seeds,
     peak_rss_mb,
-    resolve_device,
     skip,
 )
 

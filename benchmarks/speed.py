@@ -1,9 +1,9 @@
 """Reconstruction speed: per-iteration time of single units and the wall time of a whole run.
 
 Three measurements, each for every loop variant asked for (`eager` is the straightforward loop
-kept as the baseline; `fast` is the default; `+bf16`/`+compile` add autocast / torch.compile,
-`+cl` channels-last batches, `+graph` CUDA graph replay of each step; without it `fast`
-is the fast loop with no graph):
+of eager_baseline.py, kept as the baseline; `fast` is the library's; `+bf16`/`+compile` add
+autocast / torch.compile, `+cl` channels-last batches, `+graph` CUDA graph replay of each step;
+without it `fast` is the plain executor with no graph):
 
   (a) one CIFAR ResNet-20 block (`layer2.1`), batch 32;
   (b) torchvision ResNet-18 `layer1.0` and `layer4.1` at 224x224, batch 32 (random weights and
@@ -25,6 +25,7 @@ Writes benchmarks/results/speed.json with the device name.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -39,29 +40,33 @@ import torch
 
 from brecq import BrecqConfig, prepare, quantize
 from brecq.models.cifar_resnet import cifar_resnet20
-from brecq.recon.cache import ActivationCache
-from brecq.recon.pipeline import capture
-from brecq.recon.reconstruct import (
-    FP_OUT,
-    GRAPH_WARMUP_STEPS,
-    Q_IN,
-    LoopOptions,
-    Schedule,
-    UnitObjective,
-    optimize_unit,
-)
+from brecq.recon.cache import FP_OUT, Q_IN, ActivationCache
+from brecq.recon.capture import capture
+from brecq.recon.executors import GRAPH_WARMUP_STEPS, Executor
+from brecq.recon.objective import UnitObjective
+from brecq.recon.reconstruct import optimize_unit
+from brecq.recon.step import LoopOptions, Schedule
 from common import RESULTS, Cifar10, add_data_root_argument
+from eager_baseline import in_pipeline, run_eager
 
 
-def parse_variant(text: str) -> LoopOptions:
+def parse_variant(text: str) -> tuple[LoopOptions, Executor | None]:
+    """The loop options of a variant and, for `eager`, the baseline executor."""
     loop, *extras = text.split("+")
     unknown = set(extras) - {"bf16", "fp16", "tf32", "compile", "cl", "graph"}
     if loop not in ("eager", "fast") or unknown:
         raise SystemExit(f"variant {text!r}: use eager|fast, optionally +bf16, +tf32, +compile,"
                          " +cl (channels-last), +graph (CUDA graph replay)")
     autocast = next((e for e in extras if e not in ("compile", "cl", "graph")), "none")
-    return LoopOptions(loop=loop, autocast=autocast, compile="compile" in extras,
-                       channels_last="cl" in extras, cuda_graph="graph" in extras)
+    options = LoopOptions(autocast=autocast, compile="compile" in extras,
+                          channels_last="cl" in extras, cuda_graph="graph" in extras)
+    return options, run_eager if loop == "eager" else None
+
+
+def variant_arguments(name: str) -> dict:
+    """The `options` and `executor` arguments of optimize_unit for variant `name`."""
+    options, executor = parse_variant(name)
+    return {"options": options, "executor": executor}
 
 
 def sync(device: torch.device) -> None:
@@ -101,7 +106,7 @@ def time_unit(model: torch.nn.Module, unit_name: str, calib: torch.Tensor, devic
         for name in variants:  # warm-up (and compilation) outside the timed repetitions
             optimize_unit(unit.module, cache, pairs, [],
                           dataclasses.replace(schedule, iters=GRAPH_WARMUP_STEPS + 2),
-                          torch.Generator().manual_seed(0), options=parse_variant(name))
+                          torch.Generator().manual_seed(0), **variant_arguments(name))
         for _ in range(repeats):
             for name in variants:
                 seconds = {}
@@ -111,7 +116,7 @@ def time_unit(model: torch.nn.Module, unit_name: str, calib: torch.Tensor, devic
                     result = optimize_unit(unit.module, cache, pairs, [],
                                            dataclasses.replace(schedule, iters=count),
                                            torch.Generator().manual_seed(0),
-                                           options=parse_variant(name))
+                                           **variant_arguments(name))
                     sync(device)
                     seconds[count] = time.perf_counter() - started
                     if count == iters:
@@ -166,16 +171,17 @@ def pipeline_runs(device: torch.device, variants: list[str], iters_w: int, iters
     model.eval()
     rows = []
     for name in variants:
-        options = parse_variant(name)
+        options, executor = parse_variant(name)
         config = BrecqConfig(weight_bits=4, act_bits=4, iters_w=iters_w, iters_a=iters_a,
-                             calib_size=calib_size, device=str(device), recon_loop=options.loop,
+                             calib_size=calib_size, device=str(device),
                              autocast=options.autocast, compile=options.compile,
                              channels_last=options.channels_last,
                              cuda_graph=options.cuda_graph)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
-        qmodel, report = quantize(model, calib, config)
+        with in_pipeline() if executor is not None else contextlib.nullcontext():
+            qmodel, report = quantize(model, calib, config)
         sync(device)
         row = {"variant": name, "iters_w": iters_w, "iters_a": iters_a,
                "wall_seconds": time.perf_counter() - started,

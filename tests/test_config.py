@@ -53,7 +53,7 @@ def test_weight_only_label_and_method_default_lr():
 def test_unavailable_device_is_a_clear_config_error():
     import torch
 
-    from brecq.recon.pipeline import resolve_device
+    from brecq.runtime import resolve_device
 
     with pytest.raises(ConfigError, match="not a valid torch device"):
         resolve_device("gpu0")

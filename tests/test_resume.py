@@ -90,3 +90,32 @@ def test_resume_refuses_a_different_config_or_missing_checkpoint(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="unreadable"):
         quantize(model, calib, BrecqConfig(**small), checkpoint_dir=tmp_path, resume=True)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_interrupted_qdrop_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    # QDrop draws random masks: the checkpoint must carry the run's generators, and resuming
+    # must give the same masks (and so the same result) as the run that was not interrupted.
+    from brecq.recon.checkpoint import RunCheckpoint
+
+    config = BrecqConfig(**dict(CONFIG, method="qdrop", iters_w=20))
+    model, calib = _inputs()
+    straight, _ = quantize(model, calib, config)
+    mark_done = RunCheckpoint.mark_done
+
+    def stop_after_three_units(self, *args, **kwargs):
+        mark_done(self, *args, **kwargs)
+        if len(self.done) == 3:
+            raise _Stop
+
+    monkeypatch.setattr(RunCheckpoint, "mark_done", stop_after_three_units)
+    with pytest.raises(_Stop):
+        quantize(model, calib, config, checkpoint_dir=tmp_path)
+    monkeypatch.setattr(RunCheckpoint, "mark_done", mark_done)
+    torch.manual_seed(99)  # the global generator plays no part
+    resumed, _ = quantize(model, calib, config, checkpoint_dir=tmp_path, resume=True)
+    a, b = resumed.state_dict(), straight.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

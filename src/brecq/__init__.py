@@ -12,7 +12,8 @@ from .errors import (
 from .export import load_quantized, save_quantized
 from .graph.model import QuantizedModel, Unit
 from .graph.prepare import prepare
-from .recon.pipeline import QuantizationReport, UnitReport, quantize
+from .recon.pipeline import quantize
+from .recon.report import QuantizationReport, UnitReport
 
 __all__ = [
     "BrecqConfig",

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 MIN_BITS = 2
 MAX_BITS = 8
@@ -24,7 +27,6 @@ GRANULARITIES = ("layer", "block", "stage", "net")
 LOSSES = ("mse", "fisher")
 SCALE_SEARCHES = ("lp", "minmax")
 WEIGHT_GRANULARITIES = ("channel", "tensor")
-RECON_LOOPS = ("fast", "eager")
 AUTOCASTS = ("none", "bf16", "fp16", "tf32")
 # Where activation quantizers go: "onnxruntime" adds the ones its integer kernels need (network
 # input, every layer output, residual add inputs/outputs, pooling and concat inputs); "none" puts
@@ -78,7 +80,7 @@ FLAG_GROUPS = {
                        "batch_size", "unit_names", "weight_lr", "act_lr", "round_lambda",
                        "beta_start", "beta_end", "warmup", "act_loss_p", "drop_prob",
                        "act_init_samples", "early_stop", "seed"),
-    "runtime": ("device", "cache_device", "cache_budget_gb", "recon_loop", "compile", "autocast",
+    "runtime": ("device", "cache_device", "cache_budget_gb", "compile", "autocast",
                 "channels_last", "cuda_graph", "dist_timeout"),
 }
 
@@ -257,12 +259,6 @@ class BrecqConfig:
                       " CUDA); default: a quarter of the free device memory on CUDA, no limit"
                       " elsewhere"),
     )
-    recon_loop: str = field(
-        default="fast",
-        metadata=_opt("--recon-loop", "fast (batched sampling, fused Adam, no per-step"
-                      " synchronization) or eager (the straightforward loop, a speed baseline)",
-                      choices=RECON_LOOPS),
-    )
     compile: bool = field(
         default=False,
         metadata=_opt("--compile", "torch.compile each reconstruction step (CUDA graphs on"
@@ -309,7 +305,6 @@ class BrecqConfig:
             ("loss", LOSSES),
             ("scale_search", SCALE_SEARCHES),
             ("weight_granularity", WEIGHT_GRANULARITIES),
-            ("recon_loop", RECON_LOOPS),
             ("autocast", AUTOCASTS),
             ("backend", BACKENDS),
         ):
@@ -423,6 +418,12 @@ class BrecqConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BrecqConfig:
+        if "recon_loop" in data:
+            # Saved by a version where the eager speed baseline was an option (it lives in
+            # benchmarks/ now); it never changed results, so it is dropped.
+            logger.info("ignoring the saved config's recon_loop=%r: no longer an option",
+                        data["recon_loop"])
+            data = {k: v for k, v in data.items() if k != "recon_loop"}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -21,6 +21,7 @@ from ..demo import mnist_splits, pretrained_demo_model
 from ..distributed import launched_world_size
 from ..evaluate import evaluate
 from ..recon import pipeline
+from ..runtime import resolve_device
 from .common import UsageError, check_out_is_free, make_out_dir, peak_memory, write_json
 from .flags import config_file_values, given_config_values
 
@@ -62,7 +63,7 @@ def run_demo(args: argparse.Namespace) -> int:
     methods = ([values["method"]] if values.get("method") in DEMO_METHODS else list(DEMO_METHODS))
     values.pop("method", None)
     base = BrecqConfig.from_dict(values)
-    device = pipeline.resolve_device(base.device)
+    device = resolve_device(base.device)
     if args.out is not None:
         check_out_is_free(Path(args.out).expanduser(), args.overwrite)
     out = make_out_dir(args.out) if args.out is not None else None

@@ -11,7 +11,7 @@ from torch import nn
 from ..evaluate import evaluate
 from ..export.artifact import load_quantized, read_model_info
 from ..models import Preprocessing, build_model
-from ..recon.pipeline import resolve_device
+from ..runtime import resolve_device
 from .common import (
     UsageError,
     add_data_arguments,

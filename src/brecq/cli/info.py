@@ -88,5 +88,5 @@ def run(args: argparse.Namespace) -> int:
         print("Layers:")
         for unit in qmodel.units:
             for layer in unit.layers:
-                print(f"  {layer:40s} {qmodel._layer_bits(layer)} bits  unit {unit.name}")
+                print(f"  {layer:40s} {qmodel.layer_bits(layer)} bits  unit {unit.name}")
     return 0

@@ -28,6 +28,7 @@ from ..export.artifact import save_quantized
 from ..export.bench import benchmark_quantized, summary_lines
 from ..recon import pipeline
 from ..recon.checkpoint import CHECKPOINT_FILE, read_checkpoint
+from ..runtime import resolve_device
 from . import bench, demo
 from .common import (
     PROG,
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         _take_over_resumed_run(args, config)
     elif args.out is not None:
         check_out_is_free(Path(args.out).expanduser(), args.overwrite)
-    with distributed.session(pipeline.resolve_device(config.device), config.dist_timeout) as dist:
+    with distributed.session(resolve_device(config.device), config.dist_timeout) as dist:
         if not dist.is_main:
             logging.getLogger("brecq").setLevel(logging.WARNING)
         summary = requested.method_summary()
@@ -187,7 +188,7 @@ def _quantize_and_report(args: argparse.Namespace, config: BrecqConfig, dist: Di
     torch.manual_seed(config.seed)
     model, base_prep = build_model_from_args(args)
     prep = preprocessing_from_args(args, base_prep)
-    device = pipeline.resolve_device(config.device)
+    device = resolve_device(config.device)
     logger.info("preprocessing: %s", prep)
     check_data(args, model, prep, calib_size=config.calib_size,
                act_init_samples=config.act_init_samples if config.act_bits is not None else None)

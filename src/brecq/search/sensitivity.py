@@ -43,9 +43,11 @@ from ..graph.model import QuantizedModel, Unit, weight_label
 from ..graph.prepare import prepare
 from ..hashing import hash_tensor
 from ..quant.quantizers import WeightQuantizer
-from ..recon.cache import ActivationCache
-from ..recon.pipeline import CAPTURE_BATCH, CachePlacement, capture, resolve_device
-from ..recon.reconstruct import FP_OUT, Q_IN, Schedule, optimize_unit
+from ..recon.cache import FP_OUT, Q_IN, ActivationCache
+from ..recon.capture import CAPTURE_BATCH, as_tuple, capture, output_gradients
+from ..recon.reconstruct import optimize_unit
+from ..recon.step import Schedule
+from ..runtime import CachePlacement, resolve_device
 from .config import SearchConfig
 
 logger = logging.getLogger(__name__)
@@ -244,10 +246,6 @@ class _QuantizerBank:
                    for _, w, q in self.qmodel.layers[name].weight_quantizers()]
 
 
-def _as_tuple(out: Any) -> tuple[Tensor, ...]:
-    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
-
-
 @torch.no_grad()
 def unit_error(unit: nn.Module, cache: ActivationCache, fisher: bool,
                batch_size: int = CAPTURE_BATCH) -> float:
@@ -259,7 +257,7 @@ def unit_error(unit: nn.Module, cache: ActivationCache, fisher: bool,
     total = 0.0
     for start in range(0, count, batch_size):
         index = torch.arange(start, min(count, start + batch_size))
-        outs = _as_tuple(unit(*[cache.batch(k, index) for k in inputs]))
+        outs = as_tuple(unit(*[cache.batch(k, index) for k in inputs]))
         for k, out in enumerate(outs):
             err = (out.float() - cache.batch(targets[k], index).float()).pow(2)
             if fisher:
@@ -271,32 +269,18 @@ def unit_error(unit: nn.Module, cache: ActivationCache, fisher: bool,
 def _capture_fisher(qmodel: QuantizedModel, unit: Unit, data: Tensor, labels: Tensor,
                     device: torch.device, cache: ActivationCache) -> None:
     """Squared gradients of the float model's cross-entropy (sampled labels) at the unit output."""
-    outputs: list[Tensor] = []
 
-    def hook(module, args, output):  # noqa: ANN001
-        outs = _as_tuple(output)
-        leaves = [o.detach().requires_grad_(True) for o in outs]
-        outputs.extend(leaves)
-        return type(output)(leaves) if isinstance(output, (tuple, list)) else leaves[0]
+    def cross_entropy(logits: Any, start: int) -> Tensor:
+        if not isinstance(logits, Tensor) or logits.dim() != 2:
+            raise ConfigError("the fisher sensitivity needs a model that returns a "
+                              "[batch, classes] logits tensor: use --sensitivity-metric mse")
+        y = labels[start : start + logits.shape[0]].to(device)
+        return F.cross_entropy(logits.float(), y, reduction="sum")
 
-    handle = unit.module.register_forward_hook(hook)
-    try:
-        with torch.enable_grad(), qmodel.quantization(weights=False, acts=False):
-            for start in range(0, data.shape[0], CAPTURE_BATCH):
-                outputs.clear()
-                x = data[start : start + CAPTURE_BATCH].to(device)
-                y = labels[start : start + CAPTURE_BATCH].to(device)
-                logits = qmodel(x)
-                if not isinstance(logits, Tensor) or logits.dim() != 2:
-                    raise ConfigError("the fisher sensitivity needs a model that returns a "
-                                      "[batch, classes] logits tensor: use --sensitivity-metric mse")
-                loss = F.cross_entropy(logits.float(), y, reduction="sum")
-                grads = torch.autograd.grad(loss, outputs, allow_unused=True)
-                for k, (g, o) in enumerate(zip(grads, outputs)):
-                    g = torch.zeros_like(o) if g is None else g
-                    cache.append(f"{FISHER}{k}", g.detach().pow(2))
-    finally:
-        handle.remove()
+    for grads in output_gradients(qmodel, unit, data, device, cross_entropy, weights=False,
+                                  acts=False):
+        for k, g in enumerate(grads):
+            cache.append(f"{FISHER}{k}", g.pow(2))
     cache.finish()
 
 
