@@ -19,7 +19,7 @@ import torch
 import brecq
 from brecq import BrecqConfig
 from brecq.cli import build_parser, main, resume_command
-from brecq.config import AUTO_RULES, auto_rule
+from brecq.methods import AUTO_RULES, auto_rule
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

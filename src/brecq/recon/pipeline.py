@@ -3,6 +3,7 @@
 BRECQ runs two passes over the units: learned rounding with activations off, then activation
 step sizes with everything on. QDrop runs one pass that learns both, dropping quantization of
 activations at random. `rtn` stops after initializing scales (round-to-nearest baseline).
+Each method's phases are its entry in `brecq.methods.METHOD_REGISTRY`.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .. import progress
-from ..config import BrecqConfig
+from ..config import BrecqConfig, ReconRecipe
 from ..distributed import SINGLE_PROCESS, DistContext, current
 from ..errors import ConfigError, DataError, ModelError, ReconstructionError
 from ..graph.prepare import QuantizedModel, Unit, prepare
+from ..methods import METHOD_REGISTRY, Phase
 from ..quant import state
 from ..text import format_table
 from .cache import ActivationCache
@@ -292,26 +294,32 @@ def initialize_activations(qmodel: QuantizedModel, data: Tensor, config: BrecqCo
         qmodel(sample)
 
 
+def phase_schedule(recipe: ReconRecipe, phase: Phase, iters: int | None = None) -> Schedule:
+    """The optimization settings of one phase of a resolved recipe (`BrecqConfig.resolved()`);
+    `iters` replaces the recipe's iterations per unit."""
+    act_lr = recipe.act_lr if recipe.act_lr is not None else METHOD_REGISTRY[recipe.method].default_act_lr
+    return Schedule(
+        iters=recipe.iterations(phase) if iters is None else iters, batch_size=recipe.batch_size,
+        weight_lr=recipe.weight_lr, act_lr=act_lr, round_lambda=recipe.round_lambda,
+        beta_start=recipe.beta_start, beta_end=recipe.beta_end, warmup=recipe.warmup,
+        # Step sizes learned alone use the Lp loss of `act_loss_p`; passes with the rounding, MSE.
+        loss_p=2.0 if phase.learns_weights else recipe.act_loss_p,
+        drop_prob=recipe.drop_prob if phase.drops else 0.0,
+    )
+
+
 def _reconstruct_pass(
     qmodel: QuantizedModel, data: Tensor, config: BrecqConfig, device: torch.device,
-    placement: CachePlacement, report: QuantizationReport, *, phase: str,
+    placement: CachePlacement, report: QuantizationReport, *, phase: Phase,
     fp_logits: Tensor | None, generator: torch.Generator, checkpoint: RunCheckpoint,
     dist: DistContext, run_progress: progress.RunProgress,
 ) -> None:
-    learn_weights = phase in ("weights", "joint")
-    iters = config.iters_w if learn_weights else config.iters_a
-    schedule = Schedule(
-        iters=iters, batch_size=config.batch_size, weight_lr=config.weight_lr,
-        act_lr=config.effective_act_lr, round_lambda=config.round_lambda,
-        beta_start=config.beta_start, beta_end=config.beta_end, warmup=config.warmup,
-        loss_p=2.0 if learn_weights else config.act_loss_p,
-        drop_prob=config.drop_prob if phase == "joint" else 0.0,
-    )
+    schedule = phase_schedule(config.recipe, phase)
     options = LoopOptions(loop=config.recon_loop, autocast=config.autocast,
                           compile=config.compile, early_stop=config.early_stop,
                           channels_last=config.channels_last, cuda_graph=config.cuda_graph)
     for k, unit in enumerate(qmodel.units):
-        if checkpoint.is_done(phase, k):
+        if checkpoint.is_done(phase.name, k):
             continue
         started = time.perf_counter()
         try:
@@ -322,52 +330,51 @@ def _reconstruct_pass(
             )
         except torch.OutOfMemoryError as exc:
             raise ReconstructionError(
-                f"out of memory while reconstructing unit {unit.name!r} ({phase}): lower "
+                f"out of memory while reconstructing unit {unit.name!r} ({phase.name}): lower "
                 f"--batch-size (now {config.batch_size}), keep the cache on the host with "
                 f"--cache-device cpu, or use fewer --calib-size samples; "
                 f"{checkpoint.resume_hint()}"
             ) from exc
-        unit_report = UnitReport(unit.name, unit.kind, phase, len(unit.layers),
+        unit_report = UnitReport(unit.name, unit.kind, phase.name, len(unit.layers),
                                  _unit_params(qmodel, unit), result.loss_before,
                                  result.loss_after, time.perf_counter() - started,
                                  result.iterations)
         report.units.append(unit_report)
         first = run_progress.done == 0
-        run_progress.add(iters, unit_report.seconds)
+        run_progress.add(schedule.iters, unit_report.seconds)
         if dist.is_main:
             peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
                     if device.type == "cuda" else "")
             left = run_progress.left()
             progress.unit_logger.info(
-                "%s unit %d/%d %s: loss %.5g -> %.5g (%d iterations, %.1fs%s)%s", phase, k + 1,
+                "%s unit %d/%d %s: loss %.5g -> %.5g (%d iterations, %.1fs%s)%s", phase.name, k + 1,
                 len(qmodel.units), unit.name, result.loss_before, result.loss_after,
                 result.iterations, unit_report.seconds, peak,
                 f"; about {progress.minutes(left)} left" if left else "")
             if first and left:
                 progress.logger.info("Time estimate after the first unit: about %s more",
                                      progress.minutes(left))
-        checkpoint.mark_done(phase, k, qmodel, report, generator)
+        checkpoint.mark_done(phase.name, k, qmodel, report, generator)
 
 
 def _reconstruct_unit(
     qmodel: QuantizedModel, unit: Unit, k: int, data: Tensor, device: torch.device,
-    placement: CachePlacement, *, phase: str, schedule: Schedule, options: LoopOptions,
+    placement: CachePlacement, *, phase: Phase, schedule: Schedule, options: LoopOptions,
     fp_logits: Tensor | None, generator: torch.Generator, dist: DistContext,
     fisher_floor: float = 0.0,
 ) -> UnitResult:
-    learn_weights = phase in ("weights", "joint")
-    acts_on = phase in ("activations", "joint")
+    acts_on = phase.learns_acts
     cache = placement.new_cache(device)
     try:
         capture(qmodel, unit, data, device, cache, weights=True, acts=acts_on,
                 inputs_key=Q_IN, outputs_key=None)
         capture(qmodel, unit, data, device, cache, weights=False, acts=False,
-                inputs_key=FP_IN if phase == "joint" else None, outputs_key=FP_OUT)
+                inputs_key=FP_IN if phase.drops else None, outputs_key=FP_OUT)
         if fp_logits is not None:
             capture_fisher(qmodel, unit, data, fp_logits, device, cache, acts=acts_on, dist=dist,
                            floor=fisher_floor)
         weight_qs = []
-        if learn_weights:
+        if phase.learns_weights:
             weight_qs = [
                 (q, w.detach()) for name in unit.layers
                 for _, w, q in qmodel.layers[name].weight_quantizers()
@@ -376,7 +383,7 @@ def _reconstruct_unit(
         with qmodel.quantization(weights=True, acts=acts_on):
             return optimize_unit(
                 unit.module, cache, weight_qs, act_qs, schedule, generator,
-                description=f"{phase[:1]} {k + 1}/{len(qmodel.units)} {unit.name}",
+                description=f"{phase.name[:1]} {k + 1}/{len(qmodel.units)} {unit.name}",
                 options=options, dist=dist,
             )
     finally:
@@ -387,22 +394,17 @@ def _announce_plan(qmodel: QuantizedModel, config: BrecqConfig, checkpoint: RunC
                    dist: DistContext) -> progress.RunProgress:
     """Log the run's plan (units, passes, iterations); return its iteration counter."""
     units = len(qmodel.units)
-    if config.method == "qdrop":
-        passes = [("joint", "joint", config.iters_w)]
-    elif config.method == "brecq":
-        passes = [("weights", "rounding", config.iters_w)]
-        if qmodel.act_quantizers:
-            passes.append(("activations", "step-size", config.iters_a))
-    else:
-        passes = []
+    method = METHOD_REGISTRY[config.method]
+    recipe = config.recipe
+    passes = [(p.name, p.plan, recipe.iterations(p))
+              for p in method.phases_run(bool(qmodel.act_quantizers)) if p.optimizes]
     todo = sum(iters for phase, _, iters in passes for k in range(units)
                if not checkpoint.is_done(phase, k))
     if passes and dist.is_main:
         plan = ", then ".join(f"{units} x {iters:,} {what} iterations" for _, what, iters in passes)
         resumed = f"; {todo:,} left after resuming" if checkpoint.done else ""
-        name = {"qdrop": "QDrop", "brecq": "BRECQ"}[config.method]
         progress.logger.info("Plan: %s %s, %d units: %s (%s iterations%s); time estimate after "
-                             "the first unit", name, config.label, units, plan,
+                             "the first unit", method.title, config.label, units, plan,
                              f"{sum(i for *_, i in passes) * units:,}", resumed)
     return progress.RunProgress(todo)
 
@@ -468,21 +470,12 @@ def quantize(
     common = dict(fp_logits=fp_logits, generator=generator, checkpoint=checkpoint, dist=dist,
                   run_progress=run_progress)
 
-    if config.method == "brecq":
-        _reconstruct_pass(qmodel, data, config, device, placement, report, phase="weights", **common)
-        if qmodel.act_quantizers:
-            if not checkpoint.is_done("init", 0):
-                initialize_activations(qmodel, data, config, device, dist)
-                checkpoint.mark_done("init", 0, qmodel, report, generator)
-            _reconstruct_pass(qmodel, data, config, device, placement, report,
-                              phase="activations", **common)
-    elif config.method == "qdrop":
-        if not checkpoint.is_done("init", 0):
+    for phase in METHOD_REGISTRY[config.method].phases_run(bool(qmodel.act_quantizers)):
+        if phase.optimizes:
+            _reconstruct_pass(qmodel, data, config, device, placement, report, phase=phase, **common)
+        elif not checkpoint.is_done(phase.name, 0):
             initialize_activations(qmodel, data, config, device, dist)
-            checkpoint.mark_done("init", 0, qmodel, report, generator)
-        _reconstruct_pass(qmodel, data, config, device, placement, report, phase="joint", **common)
-    else:
-        initialize_activations(qmodel, data, config, device, dist)
+            checkpoint.mark_done(phase.name, 0, qmodel, report, generator)
     dist.check_identical(
         qmodel.state_dict(), "quantization parameters",
         "run the same brecq version, model and config on the same kind of device everywhere",
