@@ -20,7 +20,7 @@ import brecq
 from brecq import BrecqConfig
 from brecq.cli import build_parser, main
 from brecq.cli.quantize import resume_command
-from brecq.config import AUTO_RULES, auto_rule
+from brecq.methods import AUTO_RULES, auto_rule
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .methods import AUTO, DEFAULT_ROUND_LAMBDA, DEFAULT_WEIGHT_LR, METHOD_REGISTRY, Phase, auto_rule
 
 logger = logging.getLogger(__name__)
 
 MIN_BITS = 2
 MAX_BITS = 8
 
-METHODS = ("auto", "brecq", "qdrop", "rtn")
+METHODS = (AUTO, *METHOD_REGISTRY)
 GRANULARITIES = ("layer", "block", "stage", "net")
 LOSSES = ("mse", "fisher")
 SCALE_SEARCHES = ("lp", "minmax")
@@ -33,55 +34,87 @@ AUTOCASTS = ("none", "bf16", "fp16", "tf32")
 # them only on the tensors quantized layers read (the research placement of the papers).
 BACKENDS = ("onnxruntime", "none")
 
-# Per-method default learning rate of the activation step sizes: BRECQ learns them alone after
-# the weights (4e-4 in the paper); QDrop learns them jointly with the rounding, more gently.
-DEFAULT_ACT_LR = {"brecq": 4e-4, "qdrop": 4e-5, "rtn": 0.0}
-DEFAULT_WEIGHT_LR = 1e-3
-DEFAULT_ROUND_LAMBDA = 0.01
+
+# The three layers of a config, as typed views of its flat fields: each BrecqConfig field is in
+# exactly one of them (tests/test_config.py checks). The scheme and the recipe decide a run's
+# result; runtime options decide only where and how fast it runs, so a resume or a cached
+# sensitivity table ignores them.
 
 
 @dataclass(frozen=True)
-class AutoRule:
-    """One row of the `--method auto` table: what runs for a bit setting, and why."""
+class QuantScheme:
+    """What is quantized and how: bit widths, which layers, quantizer grids and placement."""
 
-    low_bit_acts: bool  # activations quantized below 8 bits (False: weight-only or 8-bit)
-    max_weight_bits: int
+    weight_bits: int
+    act_bits: int | None
+    first_last_bits: int | None
+    layer_bits: dict[str, int]
+    act_layer_bits: dict[str, int]
+    first_layers: tuple[str, ...] | None
+    last_layers: tuple[str, ...] | None
+    float_layers: tuple[str, ...] | None
+    weight_granularity: str
+    weight_symmetric: bool
+    act_symmetric: bool
+    backend: str
+    integer_bias: bool
+    scale_search: str
+    lp_norm: float
+
+
+@dataclass(frozen=True)
+class ReconRecipe:
+    """How the quantization parameters are found: the method, its units, data and settings."""
+
     method: str
-    settings: dict[str, float]
-    evidence: str
+    granularity: str
+    loss: str
+    fisher_floor: float
+    iters_w: int
+    iters_a: int
+    calib_size: int
+    batch_size: int
+    unit_names: tuple[str, ...] | None
+    weight_lr: float | None
+    act_lr: float | None
+    round_lambda: float | None
+    beta_start: float
+    beta_end: float
+    warmup: float
+    act_loss_p: float
+    drop_prob: float
+    act_init_samples: int
+    early_stop: float
+    seed: int
+
+    def iterations(self, phase: Phase) -> int:
+        """Iterations per unit of an optimizing phase."""
+        return self.iters_w if phase.learns_weights else self.iters_a
 
 
-# `--method auto`: the first row that matches the bit setting decides the method and the settings
-# that the user did not give. Evidence: the CIFAR-10 ResNet-20 benchmark (README.md, "Results";
-# benchmarks/README.md), 2,000 iterations per unit, settings chosen by benchmarks/tune.py on
-# held-out train images. With activations below 8 bits QDrop beat BRECQ in every measured cell;
-# with weights only BRECQ is the method (QDrop's dropping has nothing to drop).
-AUTO_RULES = (
-    AutoRule(True, 2, "qdrop", {"weight_lr": 3e-3, "act_lr": 1.6e-4},
-             "W2A4: held-out choice (val 78.54 vs 78.17 with the QDrop defaults)"),
-    AutoRule(True, MAX_BITS, "qdrop", {"act_lr": 1.6e-4},
-             "W4A4: held-out choice; QDrop ahead of BRECQ at W4A4, W3A3, W2A4, W2A2"),
-    AutoRule(False, 3, "brecq", {"round_lambda": 0.03},
-             "W3A32/W2A32: held-out choice (val 81.09 / 79.64 vs 80.74 / 78.88)"),
-    AutoRule(False, MAX_BITS, "brecq", {}, "W4A32 and wider: the held-out search kept the defaults"),
-)
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Where and how fast a run goes: devices, caching, compilation, precision, distribution."""
+
+    device: str
+    cache_device: str
+    cache_budget_gb: float | None
+    compile: bool
+    autocast: str
+    channels_last: bool
+    cuda_graph: bool
+    dist_timeout: float
 
 
-def auto_rule(weight_bits: int, act_bits: int | None) -> AutoRule:
-    """The `AUTO_RULES` row for a bit setting (act_bits None: weights only)."""
-    low_bit_acts = act_bits is not None and act_bits < 8
-    return next(r for r in AUTO_RULES
-                if r.low_bit_acts == low_bit_acts and weight_bits <= r.max_weight_bits)
+def _names(view: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(view))
 
 
-# Where each field's flag appears in `--help`; fields not listed are "quantization" options.
+# Where each field's flag appears in `--help`: a section per layer, except that --method is shown
+# with the bit widths, the first things a user chooses. Fields not listed are "quantization".
 FLAG_GROUPS = {
-    "reconstruction": ("granularity", "loss", "fisher_floor", "iters_w", "iters_a", "calib_size",
-                       "batch_size", "unit_names", "weight_lr", "act_lr", "round_lambda",
-                       "beta_start", "beta_end", "warmup", "act_loss_p", "drop_prob",
-                       "act_init_samples", "early_stop", "seed"),
-    "runtime": ("device", "cache_device", "cache_budget_gb", "compile", "autocast",
-                "channels_last", "cuda_graph", "dist_timeout"),
+    "reconstruction": tuple(name for name in _names(ReconRecipe) if name != "method"),
+    "runtime": _names(RuntimeOptions),
 }
 
 
@@ -102,7 +135,8 @@ def check_bits(bits: Any, what: str) -> int:
 class BrecqConfig:
     """Everything that decides what a quantization run does.
 
-    Field metadata carries the command-line flag and help text (see `brecq.cli`).
+    Field metadata carries the command-line flag and help text (see `brecq.cli`); `scheme`,
+    `recipe` and `runtime` are typed views of the three layers the flat fields fall into.
     """
 
     weight_bits: int = field(default=4, metadata=_opt("--w-bits", "weight bit width (2-8)"))
@@ -299,21 +333,12 @@ class BrecqConfig:
             check_bits(self.act_bits, "act_bits")
         if self.first_last_bits is not None:
             check_bits(self.first_last_bits, "first_last_bits")
-        for name, allowed in (
-            ("method", METHODS),
-            ("granularity", GRANULARITIES),
-            ("loss", LOSSES),
-            ("scale_search", SCALE_SEARCHES),
-            ("weight_granularity", WEIGHT_GRANULARITIES),
-            ("autocast", AUTOCASTS),
-            ("backend", BACKENDS),
-        ):
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ConfigError(f"{name}={value!r} is unknown: choose one of {', '.join(allowed)}")
         for f in dataclasses.fields(self):
-            if f.type in ("bool", bool) and not isinstance(getattr(self, f.name), bool):
-                raise ConfigError(f"{f.name}={getattr(self, f.name)!r} must be true or false")
+            value, allowed = getattr(self, f.name), f.metadata.get("choices")
+            if allowed is not None and value not in allowed:
+                raise ConfigError(f"{f.name}={value!r} is unknown: choose one of {', '.join(allowed)}")
+            if f.type in ("bool", bool) and not isinstance(value, bool):
+                raise ConfigError(f"{f.name}={value!r} must be true or false")
         for name in ("iters_w", "iters_a", "act_init_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -362,44 +387,62 @@ class BrecqConfig:
                 object.__setattr__(self, name, tuple(names))
 
     @property
+    def scheme(self) -> QuantScheme:
+        return self._view(QuantScheme)
+
+    @property
+    def recipe(self) -> ReconRecipe:
+        return self._view(ReconRecipe)
+
+    @property
+    def runtime(self) -> RuntimeOptions:
+        return self._view(RuntimeOptions)
+
+    def _view(self, view: type) -> Any:
+        return view(**{name: getattr(self, name) for name in _names(view)})
+
+    def result_settings(self) -> dict[str, Any]:
+        """The scheme and recipe fields as in `to_dict`: everything that decides the result of a
+        run, without the runtime options (a resume and the sensitivity cache compare these)."""
+        kept = {*_names(QuantScheme), *_names(ReconRecipe)}
+        return {name: value for name, value in self.to_dict().items() if name in kept}
+
+    @property
     def effective_act_lr(self) -> float:
         run = self.resolved()
-        return run.act_lr if run.act_lr is not None else DEFAULT_ACT_LR[run.method]
+        return run.act_lr if run.act_lr is not None else METHOD_REGISTRY[run.method].default_act_lr
 
     def resolved(self) -> BrecqConfig:
         """This config with a concrete method (`auto` looked up in AUTO_RULES) and every
         method-dependent setting filled in; settings given explicitly are kept."""
         method, chosen = self.method, {}
-        if method == "auto":
+        if method == AUTO:
             rule = auto_rule(self.weight_bits, self.act_bits)
             method, chosen = rule.method, rule.settings
         values: dict[str, Any] = {"weight_lr": DEFAULT_WEIGHT_LR, "round_lambda": DEFAULT_ROUND_LAMBDA,
                                   **chosen}
-        if method != "rtn":  # round-to-nearest learns no step sizes
-            values.setdefault("act_lr", DEFAULT_ACT_LR[method])
+        if METHOD_REGISTRY[method].learns_acts:
+            values.setdefault("act_lr", METHOD_REGISTRY[method].default_act_lr)
         values.update({k: getattr(self, k) for k in values if getattr(self, k) is not None})
         return self.replace(method=method, **values)
 
     def method_summary(self) -> str:
         """One line saying which method and settings run, e.g. for the first printed line."""
         run = self.resolved()
-        names = {"brecq": "BRECQ", "qdrop": "QDrop", "rtn": "round-to-nearest"}
+        method = METHOD_REGISTRY[run.method]
         why = ""
-        if self.method == "auto":
+        if self.method == AUTO:
             rule = auto_rule(self.weight_bits, self.act_bits)
             why = (" (auto: activations below 8 bits)" if rule.low_bit_acts
                    else " (auto: weights only or 8-bit activations)")
-        if run.method == "rtn":
-            return f"{names[run.method]}{why}, {self.label}"
+        if not method.optimizes:
+            return f"{method.title}{why}, {self.label}"
         lrs = f"weight_lr {run.weight_lr:g}, round_lambda {run.round_lambda:g}"
         if self.act_bits is not None:
             lrs += f", act_lr {run.act_lr:g}"
-        if run.method == "qdrop":
-            iters = f"{run.iters_w:,} joint iterations per unit"
-        else:
-            iters = f"{run.iters_w:,} rounding" + (
-                f" + {run.iters_a:,} step-size" if self.act_bits is not None else "") + " iterations per unit"
-        return f"{names[run.method]}{why}, {self.label}: {lrs}; {iters}"
+        passes = [p for p in method.phases_run(self.act_bits is not None) if p.optimizes]
+        iters = " + ".join(f"{run.recipe.iterations(p):,} {p.plan}" for p in passes)
+        return f"{method.title}{why}, {self.label}: {lrs}; {iters} iterations per unit"
 
     @property
     def label(self) -> str:

@@ -30,8 +30,6 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT_VERSION = 2
-# Where cached tensors live does not change any result, so it may differ on resume.
-_IGNORED_KEYS = ("cache_device", "dist_timeout")
 
 
 def _fingerprint(data: Tensor, dist: DistContext) -> list[float]:
@@ -64,8 +62,9 @@ class RunGenerators:
 
 
 def read_checkpoint(path: Path, config: BrecqConfig) -> dict:
-    """The checkpoint at `path`, checked to be intact and written by a run with `config`
-    (a concrete, resolved config); CheckpointError naming the problem otherwise."""
+    """The checkpoint at `path`, checked to be intact and written by a run with the scheme and
+    recipe of `config` (a concrete, resolved config; its runtime options may differ: they decide
+    where and how fast a run goes, not its result); CheckpointError naming the problem otherwise."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
@@ -80,11 +79,8 @@ def read_checkpoint(path: Path, config: BrecqConfig) -> dict:
             f"checkpoint {path} has format {version!r}, this version reads {FORMAT_VERSION}: "
             "start again without --resume"
         )
-    saved, current = payload["config"], config.to_dict()
-    differing = sorted(
-        k for k in set(saved) | set(current)
-        if k not in _IGNORED_KEYS and saved.get(k) != current.get(k)
-    )
+    saved, current = payload["config"], config.result_settings()
+    differing = sorted(k for k in current if saved.get(k) != current[k])
     if differing:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing)
         raise CheckpointError(

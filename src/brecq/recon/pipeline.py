@@ -3,6 +3,7 @@
 BRECQ runs two passes over the units: learned rounding with activations off, then activation
 step sizes with everything on. QDrop runs one pass that learns both, dropping quantization of
 activations at random. `rtn` stops after initializing scales (round-to-nearest baseline).
+Each method's phases are its entry in `brecq.methods.METHOD_REGISTRY`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..distributed import SINGLE_PROCESS, DistContext, current
 from ..errors import ConfigError, ReconstructionError
 from ..graph.model import QuantizedModel, Unit
 from ..graph.prepare import prepare
+from ..methods import METHOD_REGISTRY, Phase
 from ..quant import state
 from ..runtime import CachePlacement, resolve_device
 from .cache import FP_IN, FP_OUT, Q_IN
@@ -61,23 +63,15 @@ def initialize_activations(qmodel: QuantizedModel, data: Tensor, config: BrecqCo
 
 def _reconstruct_pass(
     qmodel: QuantizedModel, data: Tensor, config: BrecqConfig, device: torch.device,
-    placement: CachePlacement, report: QuantizationReport, *, phase: str,
+    placement: CachePlacement, report: QuantizationReport, *, phase: Phase,
     fp_logits: Tensor | None, generators: RunGenerators, checkpoint: RunCheckpoint,
     dist: DistContext, run_progress: progress.RunProgress,
 ) -> None:
-    learn_weights = phase in ("weights", "joint")
-    iters = config.iters_w if learn_weights else config.iters_a
-    schedule = Schedule(
-        iters=iters, batch_size=config.batch_size, weight_lr=config.weight_lr,
-        act_lr=config.effective_act_lr, round_lambda=config.round_lambda,
-        beta_start=config.beta_start, beta_end=config.beta_end, warmup=config.warmup,
-        loss_p=2.0 if learn_weights else config.act_loss_p,
-        drop_prob=config.drop_prob if phase == "joint" else 0.0,
-    )
+    schedule = Schedule.for_phase(config.recipe, phase)
     options = LoopOptions(autocast=config.autocast, compile=config.compile, early_stop=config.early_stop,
                           channels_last=config.channels_last, cuda_graph=config.cuda_graph)
     for k, unit in enumerate(qmodel.units):
-        if checkpoint.is_done(phase, k):
+        if checkpoint.is_done(phase.name, k):
             continue
         started = time.perf_counter()
         try:
@@ -88,52 +82,52 @@ def _reconstruct_pass(
             )
         except torch.OutOfMemoryError as exc:
             raise ReconstructionError(
-                f"out of memory while reconstructing unit {unit.name!r} ({phase}): lower "
+                f"out of memory while reconstructing unit {unit.name!r} ({phase.name}): lower "
                 f"--batch-size (now {config.batch_size}), keep the cache on the host with "
                 f"--cache-device cpu, or use fewer --calib-size samples; "
                 f"{checkpoint.resume_hint()}"
             ) from exc
-        unit_report = UnitReport(unit.name, unit.kind, phase, len(unit.layers),
+        unit_report = UnitReport(unit.name, unit.kind, phase.name, len(unit.layers),
                                  _unit_params(qmodel, unit), result.loss_before,
                                  result.loss_after, time.perf_counter() - started,
                                  result.iterations)
         report.units.append(unit_report)
         first = run_progress.done == 0
-        run_progress.add(iters, unit_report.seconds)
+        run_progress.add(schedule.iters, unit_report.seconds)
         if dist.is_main:
             peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
                     if device.type == "cuda" else "")
             left = run_progress.left()
             progress.unit_logger.info(
-                "%s unit %d/%d %s: loss %.5g -> %.5g (%d iterations, %.1fs%s)%s", phase, k + 1,
+                "%s unit %d/%d %s: loss %.5g -> %.5g (%d iterations, %.1fs%s)%s", phase.name,
+                k + 1,
                 len(qmodel.units), unit.name, result.loss_before, result.loss_after,
                 result.iterations, unit_report.seconds, peak,
                 f"; about {progress.minutes(left)} left" if left else "")
             if first and left:
                 progress.logger.info("Time estimate after the first unit: about %s more",
                                      progress.minutes(left))
-        checkpoint.mark_done(phase, k, qmodel, report, generators)
+        checkpoint.mark_done(phase.name, k, qmodel, report, generators)
 
 
 def _reconstruct_unit(
     qmodel: QuantizedModel, unit: Unit, k: int, data: Tensor, device: torch.device,
-    placement: CachePlacement, *, phase: str, schedule: Schedule, options: LoopOptions,
+    placement: CachePlacement, *, phase: Phase, schedule: Schedule, options: LoopOptions,
     fp_logits: Tensor | None, generators: RunGenerators, dist: DistContext,
     fisher_floor: float = 0.0,
 ) -> UnitResult:
-    learn_weights = phase in ("weights", "joint")
-    acts_on = phase in ("activations", "joint")
+    acts_on = phase.learns_acts
     cache = placement.new_cache(device)
     try:
         capture(qmodel, unit, data, device, cache, weights=True, acts=acts_on,
                 inputs_key=Q_IN, outputs_key=None)
         capture(qmodel, unit, data, device, cache, weights=False, acts=False,
-                inputs_key=FP_IN if phase == "joint" else None, outputs_key=FP_OUT)
+                inputs_key=FP_IN if phase.drops else None, outputs_key=FP_OUT)
         if fp_logits is not None:
             capture_fisher(qmodel, unit, data, fp_logits, device, cache, acts=acts_on, dist=dist,
                            floor=fisher_floor)
         weight_qs = []
-        if learn_weights:
+        if phase.learns_weights:
             weight_qs = [
                 (q, w.detach()) for name in unit.layers
                 for _, w, q in qmodel.layers[name].weight_quantizers()
@@ -142,7 +136,7 @@ def _reconstruct_unit(
         with qmodel.quantization(weights=True, acts=acts_on):
             return optimize_unit(
                 unit.module, cache, weight_qs, act_qs, schedule, generators.batches,
-                description=f"{phase[:1]} {k + 1}/{len(qmodel.units)} {unit.name}",
+                description=f"{phase.name[:1]} {k + 1}/{len(qmodel.units)} {unit.name}",
                 options=options, dist=dist, drop_generator=generators.drops,
             )
     finally:
@@ -153,22 +147,16 @@ def _announce_plan(qmodel: QuantizedModel, config: BrecqConfig, checkpoint: RunC
                    dist: DistContext) -> progress.RunProgress:
     """Log the run's plan (units, passes, iterations); return its iteration counter."""
     units = len(qmodel.units)
-    if config.method == "qdrop":
-        passes = [("joint", "joint", config.iters_w)]
-    elif config.method == "brecq":
-        passes = [("weights", "rounding", config.iters_w)]
-        if qmodel.act_quantizers:
-            passes.append(("activations", "step-size", config.iters_a))
-    else:
-        passes = []
+    method = METHOD_REGISTRY[config.method]
+    passes = [(p.name, p.plan, config.recipe.iterations(p))
+              for p in method.phases_run(bool(qmodel.act_quantizers)) if p.optimizes]
     todo = sum(iters for phase, _, iters in passes for k in range(units)
                if not checkpoint.is_done(phase, k))
     if passes and dist.is_main:
         plan = ", then ".join(f"{units} x {iters:,} {what} iterations" for _, what, iters in passes)
         resumed = f"; {todo:,} left after resuming" if checkpoint.done else ""
-        name = {"qdrop": "QDrop", "brecq": "BRECQ"}[config.method]
         progress.logger.info("Plan: %s %s, %d units: %s (%s iterations%s); time estimate after "
-                             "the first unit", name, config.label, units, plan,
+                             "the first unit", method.title, config.label, units, plan,
                              f"{sum(i for *_, i in passes) * units:,}", resumed)
     return progress.RunProgress(todo)
 
@@ -269,24 +257,19 @@ class _Run:
         fp_logits = (float_logits(qmodel, self.data, self.device) if config.loss == "fisher"
                      else None)
         run_progress = _announce_plan(qmodel, config, self.checkpoint, self.dist)
-        if config.method == "brecq":
-            self.reconstruct("weights", fp_logits, run_progress)
-            if qmodel.act_quantizers:
-                self.initialize_activations()
-                self.reconstruct("activations", fp_logits, run_progress)
-        elif config.method == "qdrop":
-            self.initialize_activations()
-            self.reconstruct("joint", fp_logits, run_progress)
-        else:
-            initialize_activations(qmodel, self.data, config, self.device, self.dist)
+        for phase in METHOD_REGISTRY[config.method].phases_run(bool(qmodel.act_quantizers)):
+            if phase.optimizes:
+                self.reconstruct(phase, fp_logits, run_progress)
+            else:
+                self.initialize_activations(phase)
 
-    def initialize_activations(self) -> None:
+    def initialize_activations(self, phase: Phase) -> None:
         """Initialize activation scales once (a resumed run has them from its checkpoint)."""
-        if not self.checkpoint.is_done("init", 0):
+        if not self.checkpoint.is_done(phase.name, 0):
             initialize_activations(self.qmodel, self.data, self.config, self.device, self.dist)
-            self.checkpoint.mark_done("init", 0, self.qmodel, self.report, self.generators)
+            self.checkpoint.mark_done(phase.name, 0, self.qmodel, self.report, self.generators)
 
-    def reconstruct(self, phase: str, fp_logits: Tensor | None,
+    def reconstruct(self, phase: Phase, fp_logits: Tensor | None,
                     run_progress: progress.RunProgress) -> None:
         _reconstruct_pass(self.qmodel, self.data, self.config, self.device, self.placement,
                           self.report, phase=phase, fp_logits=fp_logits,

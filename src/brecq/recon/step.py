@@ -17,8 +17,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..config import ReconRecipe
 from ..distributed import DistContext
 from ..errors import ReconstructionError
+from ..methods import METHOD_REGISTRY, Phase
 from ..quant import primitives as P
 from ..quant.quantizers import ActQuantizer, WeightQuantizer
 from ..runtime import reduced_precision
@@ -48,6 +50,23 @@ class Schedule:
     warmup: float
     loss_p: float
     drop_prob: float  # QDrop; 0 disables
+
+    @classmethod
+    def for_phase(cls, recipe: ReconRecipe, phase: Phase, iters: int | None = None) -> Schedule:
+        """The settings of one phase of a resolved recipe (`BrecqConfig.resolved()`); `iters`
+        replaces the recipe's iterations per unit. The one config -> schedule mapping."""
+        act_lr = (recipe.act_lr if recipe.act_lr is not None
+                  else METHOD_REGISTRY[recipe.method].default_act_lr)
+        return cls(
+            iters=recipe.iterations(phase) if iters is None else iters,
+            batch_size=recipe.batch_size, weight_lr=recipe.weight_lr, act_lr=act_lr,
+            round_lambda=recipe.round_lambda, beta_start=recipe.beta_start,
+            beta_end=recipe.beta_end, warmup=recipe.warmup,
+            # Step sizes learned alone use the Lp loss of `act_loss_p`; passes with the rounding,
+            # MSE.
+            loss_p=2.0 if phase.learns_weights else recipe.act_loss_p,
+            drop_prob=recipe.drop_prob if phase.drops else 0.0,
+        )
 
 
 @dataclass(frozen=True)

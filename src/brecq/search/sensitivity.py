@@ -35,13 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import DEFAULT_ROUND_LAMBDA, DEFAULT_WEIGHT_LR, BrecqConfig
+from ..config import BrecqConfig
 from ..errors import ConfigError
 from ..fileio import atomic_write_text
 from ..graph.layers import calibrated_weight_quantizer
 from ..graph.model import QuantizedModel, Unit, weight_label
 from ..graph.prepare import prepare
 from ..hashing import hash_tensor
+from ..methods import BRECQ, WEIGHTS
 from ..quant.quantizers import WeightQuantizer
 from ..recon.cache import FP_OUT, Q_IN, ActivationCache
 from ..recon.capture import CAPTURE_BATCH, as_tuple, capture, output_gradients
@@ -55,11 +56,6 @@ logger = logging.getLogger(__name__)
 FISHER = "fisher/"
 TABLE_VERSION = 1
 
-# Config fields that do not change the measured table (reconstruction of the final run, where
-# things run, the bits the search replaces anyway).
-_IRRELEVANT_FIELDS = {"device", "cache_device", "iters_w", "iters_a", "method", "act_lr",
-                      "drop_prob", "act_loss_p", "act_init_samples", "calib_size", "loss",
-                      "weight_bits", "act_layer_bits"}
 _SEARCH_ONLY_FIELDS = {"size_budget", "bitops_budget", "population", "generations", "mutation"}
 
 
@@ -138,14 +134,19 @@ def load_table(path: Path, fingerprint: str) -> SensitivityTable | None:
 
 def fingerprint(model: nn.Module, samples: Tensor, config: BrecqConfig,
                 search: SearchConfig) -> str:
-    """Hash of what the table depends on: weights, samples, and the relevant settings."""
+    """Hash of what the table depends on: weights, samples, the quantization scheme, the units and
+    seed, the probe's schedule and the measuring settings of the search. The runtime options and
+    the rest of the recipe (the final run's method, iterations, calibration size) do not enter."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
         hash_tensor(h, tensor)
     hash_tensor(h, samples)
     settings = {
-        "config": {k: v for k, v in config.to_dict().items() if k not in _IRRELEVANT_FIELDS},
+        "scheme": dataclasses.asdict(config.scheme),
+        "units": [config.granularity, config.unit_names],
+        "seed": config.seed,
+        "probe": dataclasses.asdict(probe_schedule(config, search)),
         "search": {k: v for k, v in search.to_dict().items() if k not in _SEARCH_ONLY_FIELDS},
     }
     h.update(json.dumps(settings, sort_keys=True).encode())
@@ -294,6 +295,14 @@ def _sampled_labels(qmodel: QuantizedModel, data: Tensor, device: torch.device,
     return torch.multinomial(logits.softmax(dim=1), 1, generator=generator).squeeze(1)
 
 
+def probe_schedule(config: BrecqConfig, search: SearchConfig) -> Schedule:
+    """The short AdaRound of `rounding=adaround`: BRECQ's rounding pass with the plain defaults
+    unless given, so that it compares bit widths the same way whatever method the final run uses
+    (it learns no step sizes: their learning rate stays the default)."""
+    probe = config.replace(method=BRECQ.name, act_lr=None).resolved()
+    return Schedule.for_phase(probe.recipe, WEIGHTS, iters=search.rounding_iters)
+
+
 def _measure_unit(qmodel: QuantizedModel, unit: Unit, bank: _QuantizerBank,
                   assignments: list[tuple[int, ...]], data: Tensor, labels: Tensor | None,
                   config: BrecqConfig, search: SearchConfig, device: torch.device,
@@ -306,16 +315,7 @@ def _measure_unit(qmodel: QuantizedModel, unit: Unit, bank: _QuantizerBank,
                 outputs_key=FP_OUT)
         if labels is not None:
             _capture_fisher(qmodel, unit, data, labels, device, cache)
-        # The plain rounding defaults unless given: the probe compares bit widths, the same way
-        # whatever method the final run uses.
-        schedule = Schedule(
-            iters=search.rounding_iters, batch_size=config.batch_size,
-            weight_lr=config.weight_lr if config.weight_lr is not None else DEFAULT_WEIGHT_LR,
-            act_lr=config.effective_act_lr,
-            round_lambda=config.round_lambda if config.round_lambda is not None else DEFAULT_ROUND_LAMBDA,
-            beta_start=config.beta_start, beta_end=config.beta_end, warmup=config.warmup,
-            loss_p=2.0, drop_prob=0.0,
-        )
+        schedule = probe_schedule(config, search)
         fisher = labels is not None
         with qmodel.quantization(weights=True, acts=False):
             for bits in assignments:
