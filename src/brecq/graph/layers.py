@@ -109,7 +109,8 @@ class LayerBits:
         self._special = set(self.first) | set(self.last)
 
     def check_act_names(self, known: Collection[str]) -> None:
-        """`act_layer_bits` must name activation quantizers among `known` (when there are any)."""
+        """`act_layer_bits` must name activation quantizers among `known` (with activation
+        quantization on: without it the names are not known)."""
         if self.config.act_bits is not None:
             check_names(self.config.act_layer_bits, known, "act_layer_bits")
 

@@ -239,8 +239,6 @@ def _quantize_direct_reads(gm: fx.GraphModule, original: dict[str, nn.Module], n
     return quantizer_nodes
 
 
-
-
 def _fold_and_record(gm: fx.GraphModule, example_inputs: tuple, leaves: set[str]) -> None:
     """Fold BatchNorm into the layers before it and mark which nodes produce tensors."""
     folded = fold_batchnorm_graph(gm)
@@ -252,7 +250,7 @@ def _fold_and_record(gm: fx.GraphModule, example_inputs: tuple, leaves: set[str]
 
 
 def _resolve_bits(gm: fx.GraphModule, layer_nodes: set[fx.Node], names: list[str],
-                inner: dict[str, tuple[str, ...]], config: BrecqConfig) -> LayerBits:
+                  inner: dict[str, tuple[str, ...]], config: BrecqConfig) -> LayerBits:
     """First layers: those reading the graph input; last: those whose output reaches the graph
     output without crossing another layer."""
     first = sorted({
