@@ -20,6 +20,7 @@ from ..config import BrecqConfig
 from ..demo import mnist_splits, pretrained_demo_model
 from ..distributed import launched_world_size
 from ..evaluate import evaluate
+from ..methods import BRECQ, METHOD_REGISTRY, QDROP, RTN
 from ..recon import pipeline
 from ..runtime import resolve_device
 from .common import UsageError, check_out_is_free, make_out_dir, peak_memory, write_json
@@ -34,8 +35,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "act_init_samples": 256,
 }
 DEMO_BITS = ((4, 4), (2, 4))
-DEMO_METHODS = ("brecq", "qdrop")
-METHOD_NAMES = {"rtn": "round-to-nearest", "brecq": "BRECQ", "qdrop": "QDrop"}
+DEMO_METHODS = (BRECQ.name, QDROP.name)
 
 
 def _demo_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -97,7 +97,7 @@ def _demo_runs(base: BrecqConfig, methods: list[str], device: torch.device,
     units: list[dict] = []
     recon_seconds = 0.0
     for w_bits, a_bits in DEMO_BITS:
-        for method in ("rtn", *methods):
+        for method in (RTN.name, *methods):
             config = base.replace(weight_bits=w_bits, act_bits=a_bits, method=method)
             t0 = time.perf_counter()
             qmodel, report = pipeline.quantize(model, calib, config)
@@ -105,7 +105,8 @@ def _demo_runs(base: BrecqConfig, methods: list[str], device: torch.device,
                 top1 = evaluate(qmodel, test, device, desc=method)["top1"]
             seconds = time.perf_counter() - t0
             recon_seconds += report.recon_seconds
-            print(f"{config.label} {METHOD_NAMES[method]} accuracy: {top1:.2f}  ({seconds:.1f}s)", flush=True)
+            title = METHOD_REGISTRY[method].title
+            print(f"{config.label} {title} accuracy: {top1:.2f}  ({seconds:.1f}s)", flush=True)
             rows.append({"bits": config.label, "method": method, "top1": top1,
                          "seconds": round(seconds, 2)})
             units += [{"bits": config.label, "method": method, **u}
@@ -137,9 +138,8 @@ def _fmt(acc: float | None) -> str:
 
 
 def _demo_table(fp: float, rows: list[dict], methods: Sequence[str]) -> str:
-    names = METHOD_NAMES
-    cols = ["rtn", *methods]
-    header = ["bits", *(names[c] for c in cols)]
+    cols = [RTN.name, *methods]
+    header = ["bits", *(METHOD_REGISTRY[c].title for c in cols)]
     lines = [header, ["W32A32", *([f"{fp:.2f}"] + [""] * (len(cols) - 1))]]
     for bits in dict.fromkeys(r["bits"] for r in rows):
         by_method = {r["method"]: r["top1"] for r in rows if r["bits"] == bits}

@@ -26,6 +26,7 @@ from ..errors import DataError
 from ..evaluate import evaluate
 from ..export.artifact import save_quantized
 from ..export.bench import benchmark_quantized, summary_lines
+from ..methods import METHOD_REGISTRY, RTN
 from ..recon import pipeline
 from ..recon.checkpoint import CHECKPOINT_FILE, read_checkpoint
 from ..runtime import resolve_device
@@ -252,13 +253,13 @@ def _quantize_and_evaluate(args: argparse.Namespace, config: BrecqConfig, model:
     if not args.skip_fp_eval:
         say(f"Full-precision accuracy: {accuracy(model, 'fp'):.2f}", flush=True)
 
-    rtn_model, rtn_report = pipeline.quantize(model, calib, config.replace(method="rtn"))
+    rtn_model, rtn_report = pipeline.quantize(model, calib, config.replace(method=RTN.name))
     with rtn_model.quantization(weights=True, acts=config.act_bits is not None):
         before = accuracy(rtn_model, "before")
     say(f"Quantized accuracy before reconstruction (round-to-nearest, {label}): {before:.2f}",
         flush=True)
 
-    if config.method == "rtn":
+    if not METHOD_REGISTRY[config.method].optimizes:  # round-to-nearest: the run above
         qmodel, report = rtn_model, rtn_report
     else:
         del rtn_model

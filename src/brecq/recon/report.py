@@ -6,6 +6,7 @@ import logging
 import sys
 from dataclasses import asdict, dataclass, field
 
+from ..methods import METHOD_REGISTRY
 from ..text import format_table
 
 logger = logging.getLogger(__name__)
@@ -47,8 +48,8 @@ class QuantizationReport:
                  f"{u.loss_after:.5g}", f"{u.iterations:,}", f"{u.seconds:.1f}"] for u in self.units]
         table = format_table(["unit", "kind", "pass", "params", "loss before", "loss after",
                               "iterations", "seconds"], rows, right=(3, 4, 5, 6, 7))
-        method = {"brecq": "BRECQ", "qdrop": "QDrop", "rtn": "round-to-nearest"}.get(
-            self.config.get("method"), self.config.get("method"))
+        name = self.config.get("method")
+        method = METHOD_REGISTRY[name].title if name in METHOD_REGISTRY else name
         bits = f"W{self.config.get('weight_bits')}A{self.config.get('act_bits') or 32}"
         return (f"{method} {bits}: {len(self.units)} unit passes in {self.recon_seconds:.1f}s on "
                 f"{self.device or '?'}\n{table}")
