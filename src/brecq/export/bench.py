@@ -77,14 +77,14 @@ def benchmark_quantized(qmodel: Any, float_model: nn.Module, input_shape: list[i
                         out_dir: str | os.PathLike[str], *, loader: Any = None, threads: int = 1,
                         runs: int = 30, batch: int = 64, warmup: int = 3) -> dict[str, Any]:
     """Export both models to `out_dir` and measure them in onnxruntime (see module doc)."""
-    from .onnx_qdq import export_onnx
+    from .onnx_qdq import example_input, export_onnx
     from .ort_bench import run_benchmark
 
     if runs < 1 or batch < 1 or threads < 1 or warmup < 0:
         raise ModelError(f"runs={runs}, batch={batch}, threads={threads}, warmup={warmup}: runs, "
                          "batch and threads must be positive, warmup >= 0")
     out = Path(out_dir).expanduser()
-    example = torch.randn(1, *[int(s) for s in input_shape[1:]])
+    example = example_input(input_shape)
     float_path = export_float_onnx(float_model, out / FLOAT_FILE, example)
     quant_path = export_onnx(qmodel, out / QUANT_FILE, example)
     result = {"float_onnx": str(float_path), "quantized_onnx": str(quant_path),

@@ -83,6 +83,13 @@ class _QDQ(torch.autograd.Function):
         return g.op("DequantizeLinear", q, scale, zero_point, **kwargs)
 
 
+def example_input(shape: tuple[int, ...] | list[int]) -> Tensor:
+    """A batch-1 input of the saved input shape to trace with; values from a private generator,
+    so exporting leaves the caller's random state alone."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(1, *[int(s) for s in shape[1:]], generator=generator)
+
+
 def _storage_dtype(qmin: int) -> torch.dtype:
     return torch.int8 if qmin < 0 else torch.uint8
 
