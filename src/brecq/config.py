@@ -118,8 +118,14 @@ FLAG_GROUPS = {
 }
 
 
-def _opt(flag: str, help_text: str, **extra: Any) -> dict[str, Any]:
-    return {"flag": flag, "help": help_text, **extra}
+def flag_field(default: Any, flag: str, help_text: str, **extra: Any) -> Any:
+    """A config dataclass field with a command-line flag: `brecq.cli.flags` builds the option
+    from its metadata (`flag`, `help` and e.g. `choices`, `metavar`). A dict default is copied
+    for every instance."""
+    metadata = {"flag": flag, "help": help_text, **extra}
+    if isinstance(default, dict):
+        return field(default_factory=default.copy, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def check_bits(bits: Any, what: str) -> int:
@@ -131,6 +137,15 @@ def check_bits(bits: Any, what: str) -> int:
     return bits
 
 
+def check_choices(config: Any) -> None:
+    """ConfigError for the first field of the config dataclass `config` whose value is not one
+    of the field's `choices` (see `flag_field`)."""
+    for f in dataclasses.fields(config):
+        value, allowed = getattr(config, f.name), f.metadata.get("choices")
+        if allowed is not None and value not in allowed:
+            raise ConfigError(f"{f.name}={value!r} is unknown: choose one of {', '.join(allowed)}")
+
+
 @dataclass(frozen=True)
 class BrecqConfig:
     """Everything that decides what a quantization run does.
@@ -139,192 +154,143 @@ class BrecqConfig:
     `recipe` and `runtime` are typed views of the three layers the flat fields fall into.
     """
 
-    weight_bits: int = field(default=4, metadata=_opt("--w-bits", "weight bit width (2-8)"))
-    act_bits: int | None = field(
-        default=8,
-        metadata=_opt("--a-bits", "activation bit width (2-8); 32 or 'none' for weight-only"),
+    weight_bits: int = flag_field(4, "--w-bits", "weight bit width (2-8)")
+    act_bits: int | None = flag_field(
+        8, "--a-bits", "activation bit width (2-8); 32 or 'none' for weight-only",
     )
-    method: str = field(
-        default="auto",
-        metadata=_opt("--method", "auto (QDrop when activations are below 8 bits, else BRECQ,"
-                      " with the settings chosen on held-out data; see AUTO_RULES) | brecq |"
-                      " qdrop | rtn (round-to-nearest, no reconstruction)", choices=METHODS),
+    method: str = flag_field(
+        "auto", "--method", "auto (QDrop when activations are below 8 bits, else BRECQ,"
+        " with the settings chosen on held-out data; see AUTO_RULES) | brecq |"
+        " qdrop | rtn (round-to-nearest, no reconstruction)", choices=METHODS,
     )
-    granularity: str = field(
-        default="block",
-        metadata=_opt("--granularity", "reconstruction unit: layer | block | stage | net",
-                      choices=GRANULARITIES),
+    granularity: str = flag_field(
+        "block", "--granularity", "reconstruction unit: layer | block | stage | net",
+        choices=GRANULARITIES,
     )
-    loss: str = field(
-        default="mse",
-        metadata=_opt("--loss", "mse, or fisher (output error weighted by squared KL gradient)",
-                      choices=LOSSES),
+    loss: str = flag_field(
+        "mse", "--loss", "mse, or fisher (output error weighted by squared KL gradient)",
+        choices=LOSSES,
     )
-    fisher_floor: float = field(
-        default=0.0,
-        metadata=_opt("--fisher-floor", "with --loss fisher: each output element's weight is"
-                      " (g^2 / mean g^2 + floor) / (1 + floor), g its KL gradient; a floor > 0"
-                      " keeps every element in the loss (0: pure squared gradient)"),
+    fisher_floor: float = flag_field(
+        0.0, "--fisher-floor", "with --loss fisher: each output element's weight is"
+        " (g^2 / mean g^2 + floor) / (1 + floor), g its KL gradient; a floor > 0"
+        " keeps every element in the loss (0: pure squared gradient)",
     )
-    iters_w: int = field(
-        default=20000, metadata=_opt("--iters-w", "AdaRound iterations per unit")
+    iters_w: int = flag_field(20000, "--iters-w", "AdaRound iterations per unit")
+    iters_a: int = flag_field(5000, "--iters-a", "activation step-size iterations per unit")
+    calib_size: int = flag_field(1024, "--calib-size", "number of calibration samples")
+    batch_size: int = flag_field(32, "--batch-size", "reconstruction batch size")
+    first_last_bits: int | None = flag_field(
+        8, "--first-last-bits",
+        "bits of the first layer (weights, output) and last layer (weights, input);"
+        " 'none' treats them like the others",
     )
-    iters_a: int = field(
-        default=5000, metadata=_opt("--iters-a", "activation step-size iterations per unit")
+    layer_bits: dict[str, int] = flag_field(
+        {}, "--layer-bits", "per-layer weight bits as JSON, e.g. '{\"fc\": 8}'",
     )
-    calib_size: int = field(
-        default=1024, metadata=_opt("--calib-size", "number of calibration samples")
+    act_layer_bits: dict[str, int] = flag_field(
+        {}, "--act-layer-bits",
+        "per-activation-quantizer bits as JSON (names from `brecq info`)",
     )
-    batch_size: int = field(
-        default=32, metadata=_opt("--batch-size", "reconstruction batch size")
+    first_layers: tuple[str, ...] | None = flag_field(
+        None, "--first-layers", "comma-separated names of the first layers (default:"
+        " the layers that read the model input)",
     )
-    first_last_bits: int | None = field(
-        default=8,
-        metadata=_opt("--first-last-bits",
-                      "bits of the first layer (weights, output) and last layer (weights, input);"
-                      " 'none' treats them like the others"),
+    last_layers: tuple[str, ...] | None = flag_field(
+        None, "--last-layers", "comma-separated names of the last layers (default:"
+        " the layers whose output reaches the model output)",
     )
-    layer_bits: dict[str, int] = field(
-        default_factory=dict,
-        metadata=_opt("--layer-bits", "per-layer weight bits as JSON, e.g. '{\"fc\": 8}'"),
+    float_layers: tuple[str, ...] | None = flag_field(
+        None, "--float-layers", "comma-separated names (or fnmatch patterns such as"
+        " 'blocks.*.fc') of weight layers to leave in float; any other Conv/Linear"
+        " that cannot be quantized stops prepare with an error",
     )
-    act_layer_bits: dict[str, int] = field(
-        default_factory=dict,
-        metadata=_opt("--act-layer-bits",
-                      "per-activation-quantizer bits as JSON (names from `brecq info`)"),
+    unit_names: tuple[str, ...] | None = flag_field(
+        None, "--units", "comma-separated module names to reconstruct as units"
+        " (overrides automatic discovery)",
     )
-    first_layers: tuple[str, ...] | None = field(
-        default=None,
-        metadata=_opt("--first-layers", "comma-separated names of the first layers (default:"
-                      " the layers that read the model input)"),
+    weight_granularity: str = flag_field(
+        "channel", "--w-granularity", "weight scales per output channel or per tensor",
+        choices=WEIGHT_GRANULARITIES,
     )
-    last_layers: tuple[str, ...] | None = field(
-        default=None,
-        metadata=_opt("--last-layers", "comma-separated names of the last layers (default:"
-                      " the layers whose output reaches the model output)"),
+    weight_symmetric: bool = flag_field(False, "--w-symmetric", "symmetric weight quantization")
+    act_symmetric: bool = flag_field(False, "--a-symmetric", "symmetric activation quantization")
+    backend: str = flag_field(
+        "onnxruntime", "--backend", "place activation quantizers for this deployment backend:"
+        " onnxruntime (also the network input, layer outputs and residual adds,"
+        " so every conv/linear runs as an int8 kernel) or none (only layer"
+        " inputs, as in the BRECQ/QDrop papers)", choices=BACKENDS,
     )
-    float_layers: tuple[str, ...] | None = field(
-        default=None,
-        metadata=_opt("--float-layers", "comma-separated names (or fnmatch patterns such as"
-                      " 'blocks.*.fc') of weight layers to leave in float; any other Conv/Linear"
-                      " that cannot be quantized stops prepare with an error"),
+    integer_bias: bool = flag_field(
+        True, "--integer-bias", "add the bias of each layer that reads a quantized"
+        " activation on the int32 grid (input step x weight step) that integer"
+        " kernels use, so that a deployed int8 model (e.g. onnxruntime) computes"
+        " what the fake-quantized one does",
     )
-    unit_names: tuple[str, ...] | None = field(
-        default=None,
-        metadata=_opt("--units", "comma-separated module names to reconstruct as units"
-                      " (overrides automatic discovery)"),
+    scale_search: str = flag_field(
+        "lp", "--scale-search", "initial scales: lp (Lp-error clip search) or minmax",
+        choices=SCALE_SEARCHES,
     )
-    weight_granularity: str = field(
-        default="channel",
-        metadata=_opt("--w-granularity", "weight scales per output channel or per tensor",
-                      choices=WEIGHT_GRANULARITIES),
+    lp_norm: float = flag_field(2.4, "--lp-norm", "p of the Lp error used by the scale search")
+    weight_lr: float | None = flag_field(
+        None, "--w-lr", "Adam learning rate of the rounding variables (default: 1e-3;"
+        " --method auto: 3e-3 at W2 with activations below 8 bits)",
     )
-    weight_symmetric: bool = field(
-        default=False, metadata=_opt("--w-symmetric", "symmetric weight quantization")
+    act_lr: float | None = flag_field(
+        None, "--a-lr", "learning rate of activation step sizes (default: 4e-4 for"
+        " brecq, 4e-5 for qdrop; --method auto: 1.6e-4 with QDrop)",
     )
-    act_symmetric: bool = field(
-        default=False, metadata=_opt("--a-symmetric", "symmetric activation quantization")
+    round_lambda: float | None = flag_field(
+        None, "--round-lambda", "weight of the rounding regularizer (default: 0.01;"
+        " --method auto: 0.03 for 2-3 bit weights with float or 8-bit activations)",
     )
-    backend: str = field(
-        default="onnxruntime",
-        metadata=_opt("--backend", "place activation quantizers for this deployment backend:"
-                      " onnxruntime (also the network input, layer outputs and residual adds,"
-                      " so every conv/linear runs as an int8 kernel) or none (only layer"
-                      " inputs, as in the BRECQ/QDrop papers)", choices=BACKENDS),
+    beta_start: float = flag_field(20.0, "--beta-start", "initial beta")
+    beta_end: float = flag_field(2.0, "--beta-end", "final beta")
+    warmup: float = flag_field(0.2, "--warmup", "fraction of iterations without regularizer")
+    act_loss_p: float = flag_field(2.4, "--act-loss-p", "p of the Lp loss when learning step sizes")
+    drop_prob: float = flag_field(
+        0.5, "--drop-prob", "QDrop: probability of keeping an element full-precision",
     )
-    integer_bias: bool = field(
-        default=True,
-        metadata=_opt("--integer-bias", "add the bias of each layer that reads a quantized"
-                      " activation on the int32 grid (input step x weight step) that integer"
-                      " kernels use, so that a deployed int8 model (e.g. onnxruntime) computes"
-                      " what the fake-quantized one does"),
+    act_init_samples: int = flag_field(
+        256, "--act-init-samples", "samples used to initialize activation scales",
     )
-    scale_search: str = field(
-        default="lp",
-        metadata=_opt("--scale-search", "initial scales: lp (Lp-error clip search) or minmax",
-                      choices=SCALE_SEARCHES),
+    device: str = flag_field("auto", "--device", "cpu, cuda, cuda:1, mps or auto")
+    cache_device: str = flag_field(
+        "auto", "--cache-device", "where cached unit inputs/targets live: auto (the"
+        " compute device), cpu (offload to host memory) or a device",
     )
-    lp_norm: float = field(
-        default=2.4, metadata=_opt("--lp-norm", "p of the Lp error used by the scale search")
+    cache_budget_gb: float | None = flag_field(
+        None, "--cache-budget-gb", "with --cache-device auto: keep cached tensors on the"
+        " compute device up to this many GiB, the rest in host memory (pinned for"
+        " CUDA); default: a quarter of the free device memory on CUDA, no limit"
+        " elsewhere",
     )
-    weight_lr: float | None = field(
-        default=None,
-        metadata=_opt("--w-lr", "Adam learning rate of the rounding variables (default: 1e-3;"
-                      " --method auto: 3e-3 at W2 with activations below 8 bits)"),
+    compile: bool = flag_field(
+        False, "--compile", "torch.compile each reconstruction step (CUDA graphs on"
+        " CUDA); falls back to eager if compiling fails",
     )
-    act_lr: float | None = field(
-        default=None,
-        metadata=_opt("--a-lr", "learning rate of activation step sizes (default: 4e-4 for"
-                      " brecq, 4e-5 for qdrop; --method auto: 1.6e-4 with QDrop)"),
+    autocast: str = flag_field(
+        "none", "--autocast", "reduced precision while reconstructing: none, bf16, fp16,"
+        " or tf32 (CUDA only); changes results slightly", choices=AUTOCASTS,
     )
-    round_lambda: float | None = field(
-        default=None,
-        metadata=_opt("--round-lambda", "weight of the rounding regularizer (default: 0.01;"
-                      " --method auto: 0.03 for 2-3 bit weights with float or 8-bit activations)"),
+    channels_last: bool = flag_field(
+        False, "--channels-last", "reconstruct 4-D activations in channels-last (NHWC)"
+        " layout, same math; with --autocast bf16 it sped up a ResNet-20 block"
+        " 1.26x on an AMX CPU (GPUs not measured)",
     )
-    beta_start: float = field(default=20.0, metadata=_opt("--beta-start", "initial beta"))
-    beta_end: float = field(default=2.0, metadata=_opt("--beta-end", "final beta"))
-    warmup: float = field(
-        default=0.2, metadata=_opt("--warmup", "fraction of iterations without regularizer")
+    cuda_graph: bool = flag_field(
+        True, "--cuda-graph", "fast loop on CUDA with the unit's cache on the device:"
+        " capture one reconstruction step as a CUDA graph and replay it (continues"
+        " without a graph if capture fails); no effect elsewhere",
     )
-    act_loss_p: float = field(
-        default=2.4, metadata=_opt("--act-loss-p", "p of the Lp loss when learning step sizes")
+    early_stop: float = flag_field(
+        0.0, "--early-stop", "activation step-size passes: stop a unit when its mean"
+        " loss over 500 iterations improves by less than this fraction (0: off)",
     )
-    drop_prob: float = field(
-        default=0.5,
-        metadata=_opt("--drop-prob", "QDrop: probability of keeping an element full-precision"),
-    )
-    act_init_samples: int = field(
-        default=256,
-        metadata=_opt("--act-init-samples", "samples used to initialize activation scales"),
-    )
-    device: str = field(
-        default="auto", metadata=_opt("--device", "cpu, cuda, cuda:1, mps or auto")
-    )
-    cache_device: str = field(
-        default="auto",
-        metadata=_opt("--cache-device", "where cached unit inputs/targets live: auto (the"
-                      " compute device), cpu (offload to host memory) or a device"),
-    )
-    cache_budget_gb: float | None = field(
-        default=None,
-        metadata=_opt("--cache-budget-gb", "with --cache-device auto: keep cached tensors on the"
-                      " compute device up to this many GiB, the rest in host memory (pinned for"
-                      " CUDA); default: a quarter of the free device memory on CUDA, no limit"
-                      " elsewhere"),
-    )
-    compile: bool = field(
-        default=False,
-        metadata=_opt("--compile", "torch.compile each reconstruction step (CUDA graphs on"
-                      " CUDA); falls back to eager if compiling fails"),
-    )
-    autocast: str = field(
-        default="none",
-        metadata=_opt("--autocast", "reduced precision while reconstructing: none, bf16, fp16,"
-                      " or tf32 (CUDA only); changes results slightly", choices=AUTOCASTS),
-    )
-    channels_last: bool = field(
-        default=False,
-        metadata=_opt("--channels-last", "reconstruct 4-D activations in channels-last (NHWC)"
-                      " layout, same math; with --autocast bf16 it sped up a ResNet-20 block"
-                      " 1.26x on an AMX CPU (GPUs not measured)"),
-    )
-    cuda_graph: bool = field(
-        default=True,
-        metadata=_opt("--cuda-graph", "fast loop on CUDA with the unit's cache on the device:"
-                      " capture one reconstruction step as a CUDA graph and replay it (continues"
-                      " without a graph if capture fails); no effect elsewhere"),
-    )
-    early_stop: float = field(
-        default=0.0,
-        metadata=_opt("--early-stop", "activation step-size passes: stop a unit when its mean"
-                      " loss over 500 iterations improves by less than this fraction (0: off)"),
-    )
-    seed: int = field(default=0, metadata=_opt("--seed", "random seed"))
-    dist_timeout: float = field(
-        default=600.0,
-        metadata=_opt("--dist-timeout", "under torchrun: seconds a rank waits for the others in"
-                      " a collective before it gives up with an error"),
+    seed: int = flag_field(0, "--seed", "random seed")
+    dist_timeout: float = flag_field(
+        600.0, "--dist-timeout", "under torchrun: seconds a rank waits for the others in"
+        " a collective before it gives up with an error",
     )
 
     def __post_init__(self) -> None:
@@ -333,10 +299,9 @@ class BrecqConfig:
             check_bits(self.act_bits, "act_bits")
         if self.first_last_bits is not None:
             check_bits(self.first_last_bits, "first_last_bits")
+        check_choices(self)
         for f in dataclasses.fields(self):
-            value, allowed = getattr(self, f.name), f.metadata.get("choices")
-            if allowed is not None and value not in allowed:
-                raise ConfigError(f"{f.name}={value!r} is unknown: choose one of {', '.join(allowed)}")
+            value = getattr(self, f.name)
             if f.type in ("bool", bool) and not isinstance(value, bool):
                 raise ConfigError(f"{f.name}={value!r} must be true or false")
         for name in ("iters_w", "iters_a", "act_init_samples"):

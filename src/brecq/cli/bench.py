@@ -13,7 +13,7 @@ from ..errors import ModelError
 from ..export.artifact import load_quantized, read_model_info
 from ..export.bench import benchmark_quantized, summary_lines
 from ..models import Preprocessing, build_model
-from .common import add_runtime_arguments, write_json
+from . import common
 
 
 def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
@@ -30,7 +30,7 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--eval-size", type=int, metavar="N", help="use only the first N val images")
     parser.add_argument("--workers", type=int, default=0, metavar="N", help="data loading workers")
     parser.add_argument("--out", metavar="FILE", help="JSON output (default: DIR/bench.json)")
-    add_runtime_arguments(parser)
+    common.add_runtime_arguments(parser)
     parser.set_defaults(func=run)
     return parser
 
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     result = benchmark_quantized(qmodel, float_model.eval(), shape, artifact, loader=loader,
                                  **bench_kwargs(args))
     out = Path(args.out).expanduser() if args.out else artifact / "bench.json"
-    write_json(out, result)
+    common.write_json(out, result)
     for line in summary_lines(result):
         print(line)
     print(f"Wrote {out}", flush=True)

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,24 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threads", type=parse_int, metavar="N",
                        help="CPU threads for torch (default: torch's choice; the demo uses 1). "
                        "On a busy machine fewer threads can be much faster")
+
+
+def add_command(subparsers: Any, name: str, run: Callable[[argparse.Namespace], int], *,
+                summary: str, description: str, model: str | None = None,
+                data: str | None = None) -> argparse.ArgumentParser:
+    """The subparser of a command that builds a model: `name`, which calls `run`, with the
+    runtime flags first, then the model flags when `model` is "optional" or "required"
+    (--model), then the data flags when `data` is "evaluation" (with the evaluation flags) or
+    "calibration" (without). The commands that read a saved folder (export, bench) list their
+    own flags before the runtime ones."""
+    parser = subparsers.add_parser(name, help=summary, description=description)
+    parser.set_defaults(func=run)
+    add_runtime_arguments(parser)
+    if model is not None:
+        add_model_arguments(parser, required=model == "required")
+    if data is not None:
+        add_data_arguments(parser, evaluation=data == "evaluation")
+    return parser
 
 
 # ------------------------------------------------------------------------- model and data

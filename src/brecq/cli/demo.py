@@ -23,7 +23,7 @@ from ..evaluate import evaluate
 from ..methods import BRECQ, METHOD_REGISTRY, QDROP, RTN
 from ..recon import pipeline
 from ..runtime import resolve_device
-from .common import UsageError, check_out_is_free, make_out_dir, peak_memory, write_json
+from . import common
 from .flags import config_file_values, given_config_values
 
 # Iteration counts of the offline demo: all of it (training the demo model included) runs in
@@ -50,9 +50,9 @@ def _demo_values(args: argparse.Namespace) -> dict[str, Any]:
 def run_demo(args: argparse.Namespace) -> int:
     """Offline MNIST demo: FP, round-to-nearest and BRECQ (and QDrop) at W4A4 and W2A4."""
     if args.resume is not None:
-        raise UsageError("--resume applies to --model/--data runs, not to the demo")
+        raise common.UsageError("--resume applies to --model/--data runs, not to the demo")
     if launched_world_size() > 1:
-        raise UsageError("the demo runs in one process: start it without torchrun")
+        raise common.UsageError("the demo runs in one process: start it without torchrun")
     started = time.perf_counter()
     values = _demo_values(args)
     user_bits = {k for k in ("weight_bits", "act_bits") if k in given_config_values(args)}
@@ -65,8 +65,8 @@ def run_demo(args: argparse.Namespace) -> int:
     base = BrecqConfig.from_dict(values)
     device = resolve_device(base.device)
     if args.out is not None:
-        check_out_is_free(Path(args.out).expanduser(), args.overwrite)
-    out = make_out_dir(args.out) if args.out is not None else None
+        common.check_out_is_free(Path(args.out).expanduser(), args.overwrite)
+    out = common.make_out_dir(args.out) if args.out is not None else None
 
     if not args.verbose:  # the demo prints one line per run; -v adds the plans and units
         progress.logger.setLevel(logging.WARNING)
@@ -125,10 +125,10 @@ def _demo_runs(base: BrecqConfig, methods: list[str], device: torch.device,
             "accuracy": {"fp": fp, "runs": rows},
             "units": units,
             "timing": {"recon_seconds": round(recon_seconds, 3), "total_seconds": round(total, 3)},
-            "peak_memory": peak_memory(device),
+            "peak_memory": common.peak_memory(device),
             "device": str(device),
         }
-        write_json(out / "report.json", result)
+        common.write_json(out / "report.json", result)
         print(f"Report written to {out / 'report.json'}")
     return 0
 

@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import ModelError
 from ..export import export_command, read_model_info
 from ..models import build_model
-from .common import add_runtime_arguments
+from . import common
 
 
 def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
@@ -34,7 +34,7 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
                         help="with --model: local checkpoint of the float model")
     parser.add_argument("--num-classes", dest="export_num_classes", type=int, default=None,
                         metavar="N", help="with --model: classes of the model's head")
-    add_runtime_arguments(parser)
+    common.add_runtime_arguments(parser)
     parser.set_defaults(func=run)
     return parser
 

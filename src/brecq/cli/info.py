@@ -12,25 +12,17 @@ import torch
 from ..demo import DemoResNet
 from ..graph.prepare import prepare
 from ..progress import logger as progress_log
-from .common import (
-    UsageError,
-    add_model_arguments,
-    add_runtime_arguments,
-    build_model_from_args,
-    logger,
-    preprocessing_from_args,
-)
+from . import common
 from .flags import add_config_arguments, config_from_args, help_group, parse_floats, parse_int, parse_ints
 
 
 def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "info", help="list the reconstruction units and bit widths of a model",
+    parser = common.add_command(
+        subparsers, "info", run, model="optional",
+        summary="list the reconstruction units and bit widths of a model",
         description="Prepare the model for quantization (no data needed) and list its "
         "reconstruction units, layers and quantizer bit widths. No --model: the demo model.",
     )
-    add_runtime_arguments(parser)
-    add_model_arguments(parser)
     pre = help_group(parser, "data")
     pre.add_argument("--input-size", type=parse_ints, metavar="C,H,W",
                      help="example input shape (default: from the model's preprocessing)")
@@ -42,28 +34,27 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     help_group(parser, "output").add_argument("--layers", action="store_true",
                                               help="also list every layer with its bits")
     add_config_arguments(parser)
-    parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     # What it is doing while slow, on a terminal (with -v also elsewhere): in a pipe or a log
     # the output stays the table, or one error line.
-    status = progress_log.info if sys.stderr.isatty() else logger.info
+    status = progress_log.info if sys.stderr.isatty() else common.logger.info
     config = config_from_args(args)
     if args.model is None:
         model, name = DemoResNet().eval(), "demo:DemoResNet"
         size = args.input_size or (1, 28, 28)
     else:
         status("Building %s ...", args.model)
-        model, base_prep = build_model_from_args(args)
+        model, base_prep = common.build_model_from_args(args)
         name = args.model
         size = args.input_size
         if size is None:
             if base_prep is None and args.crop is None:
-                raise UsageError(f"{name} has no known input size: pass --input-size C,H,W "
-                                 "(e.g. 3,224,224) or --crop/--mean/--std")
-            prep = preprocessing_from_args(args, base_prep)
+                raise common.UsageError(f"{name} has no known input size: pass --input-size C,H,W "
+                                        "(e.g. 3,224,224) or --crop/--mean/--std")
+            prep = common.preprocessing_from_args(args, base_prep)
             size = (prep.channels, prep.crop, prep.crop)
     example = torch.zeros(1, *size)
     status("Preparing %s for quantization: tracing with torch.fx, folding BatchNorm, searching "

@@ -30,36 +30,17 @@ from ..methods import METHOD_REGISTRY, RTN
 from ..recon import pipeline
 from ..recon.checkpoint import CHECKPOINT_FILE, read_checkpoint
 from ..runtime import resolve_device
-from . import bench, demo
-from .common import (
-    PROG,
-    UsageError,
-    add_data_arguments,
-    add_model_arguments,
-    add_runtime_arguments,
-    build_model_from_args,
-    check_data,
-    check_out_is_free,
-    logger,
-    make_out_dir,
-    peak_memory,
-    preprocessing_from_args,
-    timestamp_dir,
-    val_loader,
-    write_json,
-)
+from . import bench, common, demo
 from .flags import add_config_arguments, config_from_args, help_group
 
 
 def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "quantize", help="quantize a model and report its accuracy (no --model/--data: demo)",
+    parser = common.add_command(
+        subparsers, "quantize", run, model="optional", data="evaluation",
+        summary="quantize a model and report its accuracy (no --model/--data: demo)",
         description="Quantize a model on calibration images from DATA/train and evaluate it on "
         "DATA/val. Without --model and --data, run the offline MNIST demo.",
     )
-    add_runtime_arguments(parser)
-    add_model_arguments(parser)
-    add_data_arguments(parser)
     output = help_group(parser, "output")
     output.add_argument("--out", metavar="DIR",
                         help="output folder for report.json and the quantized model "
@@ -76,7 +57,6 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
                         "their onnxruntime latency, size and top-1 (as `brecq bench`) in report.json")
     add_config_arguments(parser)
     bench.add_bench_options(parser)
-    parser.set_defaults(func=run)
     return parser
 
 
@@ -85,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
         return demo.run_demo(args)
     if args.model is None or args.data is None:
         missing = "--model" if args.model is None else "--data"
-        raise UsageError(f"quantize needs both --model and --data ({missing} is missing); "
-                         "give neither to run the offline MNIST demo")
+        raise common.UsageError(f"quantize needs both --model and --data ({missing} is missing); "
+                                "give neither to run the offline MNIST demo")
     requested = config_from_args(args)
     # `--method auto` and the method-dependent defaults become concrete here, so that the first
     # printed line, the report and a resumed run all name what actually runs.
@@ -94,13 +74,13 @@ def run(args: argparse.Namespace) -> int:
     if args.resume is not None:
         _take_over_resumed_run(args, config)
     elif args.out is not None:
-        check_out_is_free(Path(args.out).expanduser(), args.overwrite)
+        common.check_out_is_free(Path(args.out).expanduser(), args.overwrite)
     with distributed.session(resolve_device(config.device), config.dist_timeout) as dist:
         if not dist.is_main:
             logging.getLogger("brecq").setLevel(logging.WARNING)
         summary = requested.method_summary()
         if args.out is None:
-            args.out = str(timestamp_dir())
+            args.out = str(common.timestamp_dir())
         try:
             return _quantize_and_report(args, config, dist, summary)
         except KeyboardInterrupt:
@@ -113,16 +93,16 @@ def _take_over_resumed_run(args: argparse.Namespace, config: BrecqConfig) -> Non
     """--resume DIR becomes --out DIR once, before any model or data is loaded, DIR holds an
     intact checkpoint made with `config`."""
     if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
-        raise UsageError("--resume DIR continues the run in DIR: drop --out (or make it DIR)")
+        raise common.UsageError("--resume DIR continues the run in DIR: drop --out (or make it DIR)")
     run_dir = Path(args.resume).expanduser()
     if not run_dir.is_dir():
-        raise UsageError(f"--resume {args.resume} is not a folder: pass the --out folder of "
-                         "the interrupted run")
+        raise common.UsageError(f"--resume {args.resume} is not a folder: pass the --out folder of "
+                                "the interrupted run")
     args.out = args.resume
     path = run_dir / "checkpoint" / CHECKPOINT_FILE
     if not path.is_file():
-        raise UsageError(f"--resume {run_dir} has no checkpoint ({path}): start the run without "
-                         "--resume (no unit had finished)")
+        raise common.UsageError(f"--resume {run_dir} has no checkpoint ({path}): start the run without "
+                                "--resume (no unit had finished)")
     read_checkpoint(path, config)
 
 
@@ -147,7 +127,7 @@ def resume_command(argv: Sequence[str], out: Path) -> str:
             pass
         else:
             kept.append(arg)
-    return shlex.join([PROG, *kept, "--resume", str(out)])
+    return shlex.join([common.PROG, *kept, "--resume", str(out)])
 
 
 def _quiet(*args: Any, **kwargs: Any) -> None:
@@ -187,19 +167,19 @@ def _quantize_and_report(args: argparse.Namespace, config: BrecqConfig, dist: Di
     say = print if dist.is_main else _quiet
     # Layers the weights do not cover start from the same random values on every rank.
     torch.manual_seed(config.seed)
-    model, base_prep = build_model_from_args(args)
-    prep = preprocessing_from_args(args, base_prep)
+    model, base_prep = common.build_model_from_args(args)
+    prep = common.preprocessing_from_args(args, base_prep)
     device = resolve_device(config.device)
-    logger.info("preprocessing: %s", prep)
-    check_data(args, model, prep, calib_size=config.calib_size,
-               act_init_samples=config.act_init_samples if config.act_bits is not None else None)
-    out = make_out_dir(args.out) if dist.is_main else Path(args.out).expanduser()
+    common.logger.info("preprocessing: %s", prep)
+    common.check_data(args, model, prep, calib_size=config.calib_size,
+                      act_init_samples=config.act_init_samples if config.act_bits is not None else None)
+    out = common.make_out_dir(args.out) if dist.is_main else Path(args.out).expanduser()
     say(f"Method: {method_summary}", flush=True)
     # Every rank draws the same seeded calibration set and keeps its contiguous slice.
     calib = dist.shard(load_calibration(args.data, prep, num_samples=config.calib_size,
                                         seed=config.seed, strict=args.strict))
     calib_images = sum(dist.sizes(calib.shape[0]))
-    val = val_loader(args, prep, seed=config.seed)
+    val = common.val_loader(args, prep, seed=config.seed)
     part = slice(*dist.shard_range(len(val.dataset)))
     val.dataset.samples, val.dataset.targets = val.dataset.samples[part], val.dataset.targets[part]
     accuracy = _Accuracy(val, device, dist)
@@ -233,13 +213,13 @@ def _quantize_and_report(args: argparse.Namespace, config: BrecqConfig, dist: Di
         "units": report.to_dict()["units"],
         "timing": {"recon_seconds": round(report.recon_seconds, 3),
                    "total_seconds": round(time.perf_counter() - started, 3)},
-        "peak_memory": peak_memory(device),
+        "peak_memory": common.peak_memory(device),
         "device": str(device),
         "world_size": dist.world_size,
         "saved_model": str(out),
         "onnx": onnx,
     }
-    write_json(out / "report.json", result)
+    common.write_json(out / "report.json", result)
     print(f"Report written to {out / 'report.json'}; quantized model saved in {out}", flush=True)
     return 0
 

@@ -10,17 +10,7 @@ from typing import Any
 from ..data import load_calibration
 from ..search import SearchConfig, allocate_bits, measure_sensitivity
 from ..search.plot import plot_pareto
-from .common import (
-    UsageError,
-    add_data_arguments,
-    add_model_arguments,
-    add_runtime_arguments,
-    build_model_from_args,
-    logger,
-    make_out_dir,
-    preprocessing_from_args,
-    write_json,
-)
+from . import common
 from .flags import (
     add_config_arguments,
     add_dataclass_arguments,
@@ -31,16 +21,14 @@ from .flags import (
 
 
 def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "search-bits", help="choose per-layer weight bits under a size budget (mixed precision)",
+    parser = common.add_command(
+        subparsers, "search-bits", run, model="required", data="calibration",
+        summary="choose per-layer weight bits under a size budget (mixed precision)",
         description="Measure each unit's sensitivity to candidate bit widths on calibration "
         "images from DATA/train, then choose per-layer bits under --size-budget with a genetic "
         "algorithm (checked by an exact solver). Writes OUT/bits.json for `brecq quantize "
         "--bits-config` and the Pareto front (pareto.json, pareto.png).",
     )
-    add_runtime_arguments(parser)
-    add_model_arguments(parser, required=True)
-    add_data_arguments(parser, evaluation=False)
     output = help_group(parser, "output")
     output.add_argument("--out", metavar="DIR", required=True,
                         help="output folder for bits.json, pareto.json/png and sensitivity.json")
@@ -49,19 +37,18 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
                         " share it between searches with other budgets")
     add_dataclass_arguments(parser.add_argument_group("search options"), SearchConfig)
     add_config_arguments(parser)
-    parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     if args.data is None:
-        raise UsageError("search-bits needs --data DIR (calibration images in DIR/train/<class>/)")
+        raise common.UsageError("search-bits needs --data DIR (calibration images in DIR/train/<class>/)")
     config = config_from_args(args)
     search = SearchConfig(**given_dataclass_values(args, SearchConfig))
     started = time.perf_counter()
-    model, base_prep = build_model_from_args(args)
-    prep = preprocessing_from_args(args, base_prep)
-    out = make_out_dir(args.out)
+    model, base_prep = common.build_model_from_args(args)
+    prep = common.preprocessing_from_args(args, base_prep)
+    out = common.make_out_dir(args.out)
     cache = Path(args.sensitivity_cache).expanduser() if args.sensitivity_cache else (
         out / "sensitivity.json")
     samples = load_calibration(args.data, prep, num_samples=search.samples, seed=config.seed,
@@ -71,17 +58,17 @@ def run(args: argparse.Namespace) -> int:
     params = sum(info.params for info in table.layers.values())
     chosen = {k: v for k, v in found.to_dict().items() if k not in ("bits", "front", "uniform")}
     chosen["budget_mean_bits"] = found.budget_bits / params
-    write_json(out / "bits.json", {"bits": found.bits, "model": args.model, "search": chosen,
-                                   "search_config": search.to_dict(),
-                                   "config": config.to_dict()})
+    common.write_json(out / "bits.json", {"bits": found.bits, "model": args.model, "search": chosen,
+                                          "search_config": search.to_dict(),
+                                          "config": config.to_dict()})
     pareto = {"chosen": chosen, "uniform": found.uniform, "front": found.front}
-    write_json(out / "pareto.json", pareto)
+    common.write_json(out / "pareto.json", pareto)
     try:
         plot_pareto(pareto, out / "pareto.png", title=f"{args.model}: size vs sensitivity")
         plotted = True
     except ImportError:
-        logger.warning("matplotlib is not installed: pareto.png not written (pip install "
-                       "matplotlib)")
+        common.logger.warning("matplotlib is not installed: pareto.png not written (pip install "
+                              "matplotlib)")
         plotted = False
     _print_search(args.model, table, search, found, cache)
     print(f"Wrote {out / 'bits.json'} (use: brecq quantize ... --bits-config {out / 'bits.json'}), "

@@ -25,11 +25,17 @@ Executor = Callable[[UnitTask, tqdm], int]
 GRAPH_WARMUP_STEPS = 3
 
 
-def _run_steps(step: UnitStep, monitor: LossMonitor, bar: tqdm) -> int:
+def _run_steps(step: UnitStep, bar: tqdm, advance: Callable[[int], None] | None = None) -> int:
+    """Up to `schedule.iters` steps, each by `advance(step number)` (default: zero the gradients
+    and call the step); stops early when the step-size pass converged. Returns the steps run."""
+    monitor = LossMonitor(step.task, step.window, bar)
     iters = step.task.schedule.iters
     for done in range(1, iters + 1):
-        step.zero_grad()
-        step()
+        if advance is None:
+            step.zero_grad()
+            step()
+        else:
+            advance(done)
         bar.update(1)
         if monitor.converged(done):
             return done
@@ -38,8 +44,7 @@ def _run_steps(step: UnitStep, monitor: LossMonitor, bar: tqdm) -> int:
 
 def run_plain(task: UnitTask, bar: tqdm) -> int:
     """Each step called eagerly."""
-    step = UnitStep(task, make_optimizers(task, fused=True))
-    return _run_steps(step, LossMonitor(task, step.window, bar), bar)
+    return _run_steps(UnitStep(task, make_optimizers(task, fused=True)), bar)
 
 
 def run_compiled(task: UnitTask, bar: tqdm) -> int:
@@ -59,7 +64,41 @@ def run_compiled(task: UnitTask, bar: tqdm) -> int:
     except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
         logger.warning("torch.compile failed (%s: %s); reconstructing eagerly",
                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-    return _run_steps(step, LossMonitor(task, step.window, bar), bar)
+    return _run_steps(step, bar)
+
+
+class _GraphReplay:
+    """Advances a `UnitStep`: a few warm-up steps (on a side stream on CUDA), then the step
+    captured once as a CUDA graph and replayed; eagerly off CUDA or when the capture fails."""
+
+    def __init__(self, step: UnitStep) -> None:
+        self.step, self.device = step, step.device
+        self.capture = self.device.type == "cuda"
+        self.warmup = min(GRAPH_WARMUP_STEPS, step.task.schedule.iters)
+        drop = step.task.drop_generator
+        self.generators = [drop] if drop is not None else []
+        self.replay: Callable[[], None] | None = None
+
+    def __call__(self, done: int) -> None:
+        if self.replay is not None:
+            self.replay()
+            return
+        self.step.zero_grad()
+        if self.capture and done > self.warmup:
+            # Gradients are created inside the capture, in the graph's memory pool: every replay
+            # then overwrites them rather than adding to the previous step's.
+            self.replay = capture_graph(self.step, self.device, self.step.task.description,
+                                        self.generators)
+            if self.replay is None:  # capture failed: this and the remaining steps run eagerly
+                self.capture = False
+                self.step.zero_grad()
+                self.step()
+            else:
+                self.replay()
+        elif self.capture:
+            run_on_side_stream(self.step, self.device)
+        else:
+            self.step()
 
 
 def run_graph(task: UnitTask, bar: tqdm) -> int:
@@ -67,36 +106,7 @@ def run_graph(task: UnitTask, bar: tqdm) -> int:
     a step reads changes on the device, so a replay is one launch. Off CUDA (how its logic is
     tested without a GPU) the same step, with the same device-side tables, runs eagerly."""
     step = UnitStep(task, make_optimizers(task, fused=True, graph=True))
-    monitor = LossMonitor(task, step.window, bar)
-    iters, device = task.schedule.iters, step.device
-    capture = device.type == "cuda"
-    warmup = min(GRAPH_WARMUP_STEPS, iters)
-    generators = [task.drop_generator] if task.drop_generator is not None else []
-    replay: Callable[[], None] | None = None
-    for done in range(1, iters + 1):
-        if replay is not None:
-            replay()
-        elif capture and done > warmup:
-            # Gradients are created inside the capture, in the graph's memory pool: every replay
-            # then overwrites them rather than adding to the previous step's.
-            step.zero_grad()
-            replay = capture_graph(step, device, task.description, generators)
-            if replay is None:  # capture failed: this and the remaining steps run eagerly
-                capture = False
-                step.zero_grad()
-                step()
-            else:
-                replay()
-        else:
-            step.zero_grad()
-            if capture:
-                run_on_side_stream(step, device)
-            else:
-                step()
-        bar.update(1)
-        if monitor.converged(done):
-            return done
-    return iters
+    return _run_steps(step, bar, _GraphReplay(step))
 
 
 def select_executor(objective: Objective, options: LoopOptions) -> Executor:
