@@ -16,12 +16,9 @@ See benchmarks/README.md for all flags and the results.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
-import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -31,34 +28,26 @@ from typing import Any
 
 import torch
 
-from brecq.config import BrecqConfig
-from brecq.data import ImageFolderDataset, eval_loader, load_calibration
-from brecq.errors import ConfigError
+from brecq import BrecqConfig, ConfigError, quantize
 from brecq.evaluate import evaluate
-from brecq.models import build_model
-from brecq.recon.pipeline import quantize, resolve_device
+from brecq.runtime import resolve_device
+from common import (
+    BRECQ_FIELDS,
+    METHODS,
+    MODELS,
+    RESULTS,
+    Cifar10,
+    EvalData,
+    add_data_root_argument,
+    append_record,
+    csv_list,
+    load_records,
+    parse_bits,
+    parse_seeds,
+    peak_rss_mb,
+    skip,
+)
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-SHARED = REPO.parent / "shared"
-DEFAULT_DATA = SHARED / "data" / "cifar10"
-DEFAULT_WEIGHTS = SHARED / "weights" / "cifar10"
-RESULTS = HERE / "results"
-
-MODELS = {"resnet20": "cifar_resnet20", "resnet56": "cifar_resnet56"}
-
-# Benchmark method name -> BrecqConfig fields.
-METHODS: dict[str, dict[str, Any]] = {
-    "rtn": {"method": "rtn", "granularity": "block"},
-    "adaround": {"method": "brecq", "granularity": "layer"},
-    "brecq-layer": {"method": "brecq", "granularity": "layer"},
-    "brecq-block": {"method": "brecq", "granularity": "block"},
-    "brecq-stage": {"method": "brecq", "granularity": "stage"},
-    "brecq-net": {"method": "brecq", "granularity": "net"},
-    "brecq-fisher": {"method": "brecq", "granularity": "block", "loss": "fisher"},
-    "qdrop": {"method": "qdrop", "granularity": "block"},
-}
-BRECQ_FIELDS = frozenset(f.name for f in dataclasses.fields(BrecqConfig))
 BITS = ("W4A32", "W3A32", "W2A32", "W4A4", "W3A3", "W2A4", "W2A2")
 BUDGETS = {"cpu": {"iters_w": 2000, "iters_a": 500}, "paper": {"iters_w": 20000, "iters_a": 5000}}
 
@@ -78,32 +67,6 @@ REFERENCE = {
 log = logging.getLogger("accuracy")
 
 
-def parse_bits(label: str) -> tuple[int, int | None]:
-    """'W4A32' -> (4, None); 'W2A4' -> (2, 4)."""
-    text = label.strip().upper()
-    if not text.startswith("W") or "A" not in text:
-        raise argparse.ArgumentTypeError(f"bit setting {label!r} is not of the form W<bits>A<bits>")
-    w, a = text[1:].split("A", 1)
-    try:
-        wb, ab = int(w), int(a)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"bit setting {label!r} is not of the form W4A4") from exc
-    return wb, (None if ab >= 32 else ab)
-
-
-def csv_list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def parse_seeds(text: str) -> list[int]:
-    return [int(s) for s in csv_list(text)]
-
-
-def peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024.0 if sys.platform != "darwin" else peak / 2**20
-
-
 def run_key(rec: dict[str, Any]) -> tuple:
     return (rec["model"], rec["method"], rec["bits"], rec["seed"], rec["budget"], rec["eval_split"],
             rec["eval_count_requested"], tuple(sorted(rec.get("overrides", {}).items())))
@@ -121,92 +84,6 @@ def parse_override(text: str) -> tuple[str, Any]:
     except json.JSONDecodeError:
         value = raw.strip()  # a bare string such as mse
     return key, value
-
-
-def load_records(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    out = []
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            log.warning("%s:%d is not valid JSON (an interrupted write?): ignored", path, line_no)
-    return out
-
-
-def append_record(path: Path, rec: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fh.write(json.dumps(rec) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-class EvalData:
-    """The evaluation images as tensors, loaded once per process (and per transform)."""
-
-    def __init__(self, data_dir: Path, transform: Any, split: str, size: int | None,
-                 calib_size: int, holdout_size: int, max_seed: int = 0) -> None:
-        self.data_dir, self.transform = data_dir, transform
-        self.split, self.size = split, size
-        self.calib_size, self.holdout_size, self.max_seed = calib_size, holdout_size, max_seed
-        self._pair: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def holdout_indices(self, dataset: ImageFolderDataset) -> list[int]:
-        """Train images that no calibration draw of the seeds in use takes: a fixed seeded subset.
-
-        `load_calibration(seed=s)` takes the first `calib_size` entries of
-        `randperm(len(train), seed=s)` (later ones only replace unreadable files); the first
-        `calib_size + 64` entries are excluded for seeds 0..max(4, largest seed in use), so the
-        held-out set is the same for every run with seeds below 5.
-        """
-        n = len(dataset)
-        used: set[int] = set()
-        for s in range(max(5, self.max_seed + 1)):
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(s))
-            used.update(perm[: self.calib_size + 64].tolist())
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(1_000_003)).tolist()
-        picked = [i for i in order if i not in used][: self.holdout_size]  # random class mix
-        if len(picked) < self.holdout_size:
-            log.warning("only %d train images are never used for calibration: the held-out "
-                        "split has %d images, not %d", len(picked), len(picked),
-                        self.holdout_size)
-        return picked
-
-    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._pair is not None:
-            return self._pair
-        started = time.perf_counter()
-        if self.split == "holdout":
-            dataset = ImageFolderDataset(self.data_dir, "train", self.transform)
-            idx = self.holdout_indices(dataset)
-            if self.size is not None:
-                idx = idx[: self.size]
-            images, labels = [], []
-            for i in idx:
-                img = dataset.load(i)
-                if img is None:
-                    continue
-                images.append(img)
-                labels.append(dataset.samples[i][1])
-            x, y = torch.stack(images), torch.tensor(labels, dtype=torch.int64)
-        else:
-            loader = eval_loader(self.data_dir, self.transform, split="val", batch_size=500,
-                                 num_workers=0)
-            xs, ys = zip(*loader)
-            x, y = torch.cat(xs), torch.cat(ys)
-            if self.size is not None and self.size < x.shape[0]:
-                # A fixed random subset: the files are sorted by class, so a prefix is one class.
-                keep = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
-                keep = keep[: self.size]
-                x, y = x[keep], y[keep]
-        log.info("loaded %d %s images for evaluation in %.1fs", x.shape[0], self.split,
-                 time.perf_counter() - started)
-        self._pair = (x, y)
-        return self._pair
 
 
 def make_config(method: str, bits: str, seed: int, args: argparse.Namespace) -> BrecqConfig:
@@ -232,14 +109,12 @@ def base_record(model: str, method: str, bits: str, seed: int | None,
     }
 
 
-def run_all(args: argparse.Namespace, out_jsonl: Path) -> None:
+def run_all(args: argparse.Namespace, cifar: Cifar10, out_jsonl: Path) -> None:
     done = {run_key(r) for r in load_records(out_jsonl)}
     for model_key in args.models:
-        weights = args.weights_dir / f"{model_key}.pt"
-        model, prep = build_model(MODELS[model_key], weights=weights)
-        model.eval()
+        model, prep = cifar.build(model_key)
         transform = prep.to_transform()
-        data = EvalData(args.data, transform, "holdout" if args.holdout else "val",
+        data = EvalData(cifar, transform, "holdout" if args.holdout else "val",
                         args.eval_size, args.calib_size, args.holdout_size, max(args.seeds))
         device = resolve_device(args.device)
 
@@ -257,7 +132,7 @@ def run_all(args: argparse.Namespace, out_jsonl: Path) -> None:
                     if run_key(base_record(model_key, m, b, seed, args)) not in done]
             if not todo:
                 continue
-            calib = load_calibration(args.data, transform, num_samples=args.calib_size, seed=seed)
+            calib = cifar.calibration(transform, args.calib_size, seed)
             for method, bits in todo:
                 rec = base_record(model_key, method, bits, seed, args)
                 # Another process appending to the same file may have finished it meanwhile.
@@ -445,10 +320,12 @@ def write_report(out_jsonl: Path, name: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                   help="CIFAR-10 in ImageNet layout (train/<class>/, val/<class>/)")
-    p.add_argument("--weights-dir", type=Path, default=DEFAULT_WEIGHTS,
-                   help="folder with resnet20.pt / resnet56.pt")
+    add_data_root_argument(p)
+    p.add_argument("--data", type=Path, default=None,
+                   help="CIFAR-10 in ImageNet layout (train/<class>/, val/<class>/); default "
+                        "<data root>/data/cifar10")
+    p.add_argument("--weights-dir", type=Path, default=None,
+                   help="folder with resnet20.pt / resnet56.pt; default <data root>/weights/cifar10")
     p.add_argument("--models", type=csv_list, default=["resnet20", "resnet56"],
                    help=f"comma list of {', '.join(MODELS)}")
     p.add_argument("--methods", type=csv_list, default=list(METHODS),
@@ -527,17 +404,14 @@ def main(argv: list[str] | None = None) -> int:
         write_report(out_jsonl, name)
         return 0
 
-    missing = [str(p) for p in [args.data / "train", args.data / "val"] if not p.is_dir()]
-    missing += [str(args.weights_dir / f"{m}.pt") for m in args.models
-                if not (args.weights_dir / f"{m}.pt").is_file()]
+    cifar = Cifar10.under(args.data_root, args.data, args.weights_dir)
+    missing = cifar.missing(args.models)
     if missing:
-        print("SKIP: benchmark data or weights not found: " + ", ".join(missing)
-              + " (pass --data / --weights-dir)")
-        return 0
+        return skip(missing)
 
     torch.set_num_threads(max(1, args.threads))
     log.info("results -> %s (%d threads)", out_jsonl, torch.get_num_threads())
-    run_all(args, out_jsonl)
+    run_all(args, cifar, out_jsonl)
     if not args.no_report:
         write_report(out_jsonl, name)
     return 0

@@ -4,9 +4,11 @@ The step of `speed.py`'s CPU benchmark (CIFAR ResNet-20 `layer2.1`, batch 32, 32
 16x16) must run two 3x3 convolutions forward and backward: the first needs only its weight
 gradient (the block input is cached data), the second its weight and input gradients. This script
 times exactly that, nothing else (no quantizer arithmetic, no batch gather, no ReLU, no optimizer),
-in float32 NCHW and in bf16 autocast with NHWC batches (oneDNN's AMX kernels), beside the eager
-reconstruction loop's step measured in the same process. The convolution time is a floor under
-any loop that computes this step; the ratio eager / floor bounds the speed-up any loop can reach.
+in float32 NCHW and in bf16 autocast with NHWC batches (oneDNN's AMX kernels), then the eager
+and the bf16 channels-last reconstruction steps, measured right after by `speed.py` (the same
+unit and random data, run as a child process with the same threads). The convolution time is a
+floor under any loop that computes this step; the ratio eager / floor bounds the speed-up any loop
+can reach.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/cpu_floor.py --threads 1
 """
@@ -16,14 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import speed
-from brecq.models.cifar_resnet import cifar_resnet20
+SPEED = Path(__file__).resolve().parent / "speed.py"
 
 BATCH, CHANNELS, SIZE = 32, 32, 16
 
@@ -45,6 +49,17 @@ def time_ms(fn, iters: int, repeats: int) -> tuple[float, float]:  # noqa: ANN00
             fn()
         runs.append((time.perf_counter() - started) / iters * 1000)
     return statistics.median(runs), min(runs)
+
+
+def loop_steps(threads: int, iters: int, repeats: int) -> list[dict]:
+    """speed.py's ResNet-20 block rows (`layer2.1`, batch 32) for the eager and bf16 NHWC loops."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "speed.json"
+        subprocess.run([sys.executable, str(SPEED), "--device", "cpu", "--threads", str(threads),
+                        "--variants", "eager,fast+bf16+cl", "--iters", str(iters),
+                        "--repeats", str(repeats), "--skip", "resnet18,pipeline,resnet50-cache",
+                        "--out", str(out)], check=True, stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text())["units"]
 
 
 def main() -> None:
@@ -69,11 +84,7 @@ def main() -> None:
         "convs fp32 NCHW": time_ms(lambda: conv_step(x, w1, w2), args.iters, args.repeats),
         "convs bf16 NHWC": time_ms(bf16_step, args.iters, args.repeats),
     }
-    # The same unit and random data as speed.py's ResNet-20 block benchmark.
-    torch.manual_seed(0)
-    loops = speed.time_unit(cifar_resnet20().eval(), "layer2.1", torch.randn(256, 3, 32, 32),
-                            torch.device("cpu"), ["eager", "fast+bf16+cl"], args.iters,
-                            max(2, args.repeats // 2), BATCH)
+    loops = loop_steps(args.threads, args.iters, max(2, args.repeats // 2))
     eager = next(r["median_ms"] for r in loops if r["variant"] == "eager")
     print(f"CPU, {torch.get_num_threads()} thread(s), torch {torch.__version__}")
     print(f"{'what':<28}{'median ms':>10}{'min ms':>9}{'eager / it':>12}")

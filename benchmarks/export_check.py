@@ -1,13 +1,13 @@
 """Deployment check: BRECQ CIFAR ResNet-20 -> artifact -> ONNX QDQ -> onnxruntime on the CPU.
 
-Quantizes ResNet-20 (../shared/weights/cifar10/resnet20.pt) at W4A8 and W8A8 with calibration
-images from ../shared/data/cifar10/train, saves the artifact, exports a QDQ ONNX model and runs
+Quantizes the pretrained CIFAR ResNet-20 (under `--data-root`, see common.py) at W4A8 and W8A8
+with calibration images from CIFAR-10 train, saves the artifact, exports a QDQ ONNX model and runs
 onnxruntime on all validation images, with its default graph optimizations (which fuse QDQ
 groups into integer kernels such as QLinearConv) and with graph optimizations disabled. Prints
 the top-1 agreement between onnxruntime and the PyTorch fake-quantized model, their logit
 differences and accuracies, artifact size vs the float checkpoint, and onnxruntime CPU latency
 of the W8A8 QDQ model vs the float ONNX model. Writes benchmarks/results/export_check.json.
-Skips (exit 0) when ../shared is absent.
+Skips (exit 0) when the data or the weights are absent.
 
 By default the models are quantized with `integer_bias` on: PyTorch adds each bias on the int32
 grid in_scale * weight_scale and the export holds it as int32 codes, as integer kernels use it.
@@ -37,11 +37,8 @@ import time
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-WEIGHTS = SHARED / "weights" / "cifar10" / "resnet20.pt"
-DATA = SHARED / "data" / "cifar10"
-RESULTS = ROOT / "benchmarks" / "results" / "export_check.json"
+from common import RESULTS, Cifar10, add_data_root_argument, skip
+
 EVAL_BATCH = 500
 
 
@@ -142,34 +139,28 @@ def main() -> int:
                         "instead of quantizing again")
     parser.add_argument("--integer-bias", action=argparse.BooleanOptionalAction, default=True,
                         help="BrecqConfig.integer_bias of the quantized models (default: on)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help=f"results JSON (default {RESULTS})")
+    parser.add_argument("--out", type=Path, default=RESULTS / "export_check.json",
+                        help="results JSON")
+    add_data_root_argument(parser)
     args = parser.parse_args()
-
-    if not WEIGHTS.is_file() or not (DATA / "val").is_dir() or not (DATA / "train").is_dir():
-        print(f"SKIP: {SHARED} with weights/cifar10/resnet20.pt and data/cifar10/{{train,val}} is "
-              "not present; nothing to check")
-        return 0
+    cifar = Cifar10.under(args.data_root)
+    if cifar.missing(["resnet20"]):
+        return skip(cifar.missing(["resnet20"]))
+    weights = cifar.weights("resnet20")
 
     import numpy as np
     import onnx
     import onnxruntime as ort
     import torch
 
-    from brecq import BrecqConfig, quantize
-    from brecq.data import eval_loader, load_calibration
-    from brecq.export import load_quantized, save_quantized
-    from brecq.export.onnx_qdq import export_onnx
-    from brecq.models import build_model
+    from brecq import BrecqConfig, load_quantized, quantize, save_quantized
+    from brecq.export import export_onnx
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    model, prep = build_model("cifar_resnet20", weights=WEIGHTS)
+    model, prep = cifar.build("resnet20")
     transform = prep.to_transform()
-    xs, ys = [], []
-    for x, y, *_ in eval_loader(DATA, transform, batch_size=EVAL_BATCH, num_workers=0):
-        xs.append(x)
-        ys.append(y)
-    val_x, val_y = torch.cat(xs), torch.cat(ys)
+    val_x, val_y = cifar.val(transform)
     if args.limit:
         val_x, val_y = val_x[: args.limit], val_y[: args.limit]
     labels = val_y.numpy()
@@ -231,7 +222,7 @@ def main() -> int:
         "cpu_count": os.cpu_count(),
         "load_average_at_start": list(os.getloadavg()), "onnxruntime": ort.__version__,
         "torch": torch.__version__, "onnx_opset": 17,
-        "float_checkpoint_bytes": WEIGHTS.stat().st_size, "float_onnx_bytes": float_onnx.stat().st_size,
+        "float_checkpoint_bytes": weights.stat().st_size, "float_onnx_bytes": float_onnx.stat().st_size,
         "configs": {},
     }
     calib = None
@@ -248,12 +239,12 @@ def main() -> int:
             print(f"{label}: loaded the artifact in {art} (same config)", flush=True)
         else:
             if calib is None:
-                calib = load_calibration(DATA, transform, num_samples=args.calib_size, seed=0)
+                calib = cifar.calibration(transform, args.calib_size, 0)
             started = time.perf_counter()
             qmodel, _ = quantize(model, calib, config)
             seconds = round(time.perf_counter() - started, 1)
             save_quantized(qmodel, art, config=config, pack=wb <= 4,
-                           model_info={"name": "cifar_resnet20", "weights": str(WEIGHTS),
+                           model_info={"name": "cifar_resnet20", "weights": str(weights),
                                        "preprocessing": prep.to_dict(), "quantize_seconds": seconds})
         qmodel.eval()
         info = json.loads((art / "model.json").read_text())

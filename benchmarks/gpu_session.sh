@@ -14,8 +14,9 @@
 # 5 minutes on an H200 by the per-iteration figures), tune (held-out tuning at the CPU budget,
 # then val, with ResNet-56 QDrop cells beside it; TUNE_S seconds, default 420).
 #
-# Data: ../shared as on the development machines; where it is absent and
-# .gpu_carry/shared.tar.gz exists, it is unpacked there. Make that packed copy beforehand with
+# Data: $BRECQ_DATA_ROOT, default ../shared as on the development machines (benchmarks/common.py);
+# where it is absent and .gpu_carry/shared.tar.gz exists, it is unpacked there. Make that packed
+# copy beforehand with
 #   mkdir -p .gpu_carry && tar -C ../shared -czf .gpu_carry/shared.tar.gz data/cifar10 \
 #       weights/cifar10/resnet20.pt weights/cifar10/resnet56.pt
 # (about 11 MB; .gpu_carry is git-ignored locally, so pass it to the device tool's carry list).
@@ -25,12 +26,13 @@ OUT=${OUT:-/tmp/brecq_gpu}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+export BRECQ_DATA_ROOT=${BRECQ_DATA_ROOT:-$(dirname "$PWD")/shared}
 PY=${PY:-python3}
 started=$(date +%s)
 elapsed() { echo "[$(( $(date +%s) - started )) s] $*"; }
 
-if [ ! -d ../shared/data/cifar10 ] && [ -f .gpu_carry/shared.tar.gz ]; then
-    mkdir -p ../shared && tar -C ../shared -xzf .gpu_carry/shared.tar.gz
+if [ ! -d "$BRECQ_DATA_ROOT/data/cifar10" ] && [ -f .gpu_carry/shared.tar.gz ]; then
+    mkdir -p "$BRECQ_DATA_ROOT" && tar -C "$BRECQ_DATA_ROOT" -xzf .gpu_carry/shared.tar.gz
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>/dev/null
 $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__,

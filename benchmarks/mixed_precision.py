@@ -32,22 +32,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from accuracy import (
-    DEFAULT_DATA,
-    DEFAULT_WEIGHTS,
+from brecq import BrecqConfig, prepare, quantize
+from brecq.evaluate import evaluate
+from brecq.runtime import resolve_device
+from brecq.search import Problem, SearchConfig, Solution, measure_sensitivity
+from common import (
+    MODELS,
     RESULTS,
+    Cifar10,
     EvalData,
+    add_data_root_argument,
     append_record,
     csv_list,
     load_records,
     parse_seeds,
     peak_rss_mb,
+    skip,
 )
-from brecq.config import BrecqConfig
-from brecq.data import load_calibration
-from brecq.evaluate import evaluate
-from brecq.models import build_model
-from brecq.recon.pipeline import quantize, resolve_device
 
 # Run name -> (uniform weight bits, size budget of the search or None for the uniform run).
 RUNS: dict[str, tuple[int, str | None]] = {
@@ -57,7 +58,7 @@ RUNS: dict[str, tuple[int, str | None]] = {
     "mixed-W2": (2, "2bit"),
     "uniform-W4": (4, None),  # the headroom above W3: what a third more weight bits buys
 }
-MODEL = "cifar_resnet20"
+MODEL = "resnet20"
 
 log = logging.getLogger("mixed_precision")
 
@@ -69,8 +70,8 @@ def search_dir(args: argparse.Namespace, entry: str) -> Path:
 
 def search_command(args: argparse.Namespace, budget: str) -> list[str]:
     """The `brecq search-bits` arguments this benchmark runs (also printed in the report)."""
-    return ["search-bits", "--model", MODEL, "--weights", str(args.weights_dir / "resnet20.pt"),
-            "--data", str(args.data), "--size-budget", budget,
+    return ["search-bits", "--model", MODELS[MODEL], "--weights", str(args.cifar.weights(MODEL)),
+            "--data", str(args.cifar.data_dir), "--size-budget", budget,
             "--calib-size", str(args.calib_size), "--seed", str(args.search_seed),
             "--device", args.device,
             "--workers", "0", "--sensitivity-cache", str(search_dir(args, "sensitivity.json")),
@@ -105,11 +106,10 @@ def weight_size(qmodel: Any) -> tuple[int, float]:
 
 
 def run_all(args: argparse.Namespace, out_jsonl: Path) -> None:
-    model, prep = build_model(MODEL, weights=args.weights_dir / "resnet20.pt")
-    model.eval()
+    model, prep = args.cifar.build(MODEL)
     transform = prep.to_transform()
     device = resolve_device(args.device)
-    data = EvalData(args.data, transform, "val", None, args.calib_size, 0)
+    data = EvalData(args.cifar, transform, "val", None, args.calib_size, 0)
     for seed in args.seeds:
         calib = None
         for name in args.runs:
@@ -118,8 +118,7 @@ def run_all(args: argparse.Namespace, out_jsonl: Path) -> None:
                                    "iters_a": args.iters_a}
             if run_key(rec) not in done:
                 if calib is None:
-                    calib = load_calibration(args.data, transform, num_samples=args.calib_size,
-                                             seed=seed)
+                    calib = args.cifar.calibration(transform, args.calib_size, seed)
                 _run_one(args, model, calib, data, device, rec, out_jsonl)
 
 
@@ -142,7 +141,7 @@ def _run_one(args: argparse.Namespace, model: torch.nn.Module, calib: torch.Tens
     rec.update(
         budget=budget, uniform_bits=uniform_bits, top1=res["top1"], top5=res["top5"],
         eval_count=res["count"], weight_size_bits=size_bits, mean_weight_bits=mean_bits,
-        layer_bits={n: qmodel._layer_bits(n) for n in qmodel.layers},
+        layer_bits={n: qmodel.layer_bits(n) for n in qmodel.layers},
         seconds=time.perf_counter() - started, recon_seconds=report.recon_seconds,
         peak_rss_mb=peak_rss_mb(), device=report.device, host=platform.node(),
         torch_threads=torch.get_num_threads(), finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -170,8 +169,6 @@ def spearman(a: list[float], b: list[float]) -> float:
 def heldout_loss(model: torch.nn.Module, bits: dict[str, int], x: torch.Tensor,
                  y: torch.Tensor) -> tuple[float, float]:
     """Cross-entropy and top-1 of `bits` with nearest rounding (weights only), no reconstruction."""
-    from brecq.graph.prepare import prepare
-
     qmodel = prepare(model, BrecqConfig(act_bits=None, layer_bits=bits, device="cpu"), (x[:2],))
     with qmodel.quantization(weights=True, acts=False):
         logits = torch.cat([qmodel(x[i : i + 500]) for i in range(0, x.shape[0], 500)])
@@ -186,14 +183,10 @@ def check_ranking(args: argparse.Namespace) -> dict[str, Any]:
     reconstruction), on train images that no calibration draw uses. Random configurations draw
     each block layer's bits from {2, 3, 4} and the first/last layers' from {4, 8}.
     """
-    from brecq.search import Problem, SearchConfig, measure_sensitivity
-    from brecq.search.solvers import Solution
-
-    model, prep = build_model(MODEL, weights=args.weights_dir / "resnet20.pt")
-    model.eval()
+    model, prep = args.cifar.build(MODEL)
     transform = prep.to_transform()
-    samples = load_calibration(args.data, transform, num_samples=512, seed=args.search_seed)
-    x, y = EvalData(args.data, transform, "holdout", args.ranking_images, args.calib_size,
+    samples = args.cifar.calibration(transform, 512, args.search_seed)
+    x, y = EvalData(args.cifar, transform, "holdout", args.ranking_images, args.calib_size,
                     args.ranking_images).get()
     config = BrecqConfig(device=args.device, seed=args.search_seed)
     problems = {}
@@ -327,10 +320,12 @@ def write_plot(args: argparse.Namespace, groups: dict[str, list[dict[str, Any]]]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                   help="CIFAR-10 in ImageNet layout (train/<class>/, val/<class>/)")
-    p.add_argument("--weights-dir", type=Path, default=DEFAULT_WEIGHTS,
-                   help="folder with resnet20.pt")
+    add_data_root_argument(p)
+    p.add_argument("--data", type=Path, default=None,
+                   help="CIFAR-10 in ImageNet layout (train/<class>/, val/<class>/); default "
+                        "<data root>/data/cifar10")
+    p.add_argument("--weights-dir", type=Path, default=None,
+                   help="folder with resnet20.pt; default <data root>/weights/cifar10")
     p.add_argument("--runs", type=csv_list, default=list(RUNS),
                    help=f"comma list of {', '.join(RUNS)}")
     p.add_argument("--iters-w", type=int, default=1000, help="AdaRound iterations per unit")
@@ -365,13 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         write_report(args, out_jsonl)
         return 0
-    missing = [str(p) for p in [args.data / "train", args.data / "val"] if not p.is_dir()]
-    if not (args.weights_dir / "resnet20.pt").is_file():
-        missing.append(str(args.weights_dir / "resnet20.pt"))
+    args.cifar = Cifar10.under(args.data_root, args.data, args.weights_dir)
+    missing = args.cifar.missing([MODEL])
     if missing:
-        print("SKIP: benchmark data or weights not found: " + ", ".join(missing)
-              + " (pass --data / --weights-dir)")
-        return 0
+        return skip(missing)
     torch.set_num_threads(max(1, args.threads))
     if args.check_ranking:
         result = check_ranking(args)

@@ -1,18 +1,18 @@
 """Deployed speed and accuracy in onnxruntime: float ONNX vs quantize_static vs brecq.
 
-CIFAR ResNet-20 (../shared weights and data): exports the float model, quantizes it with
-onnxruntime's own `quantize_static` (QDQ, int8 weights per channel, uint8 activations, MinMax,
-512 calibration images) and with brecq (BRECQ, `--backend onnxruntime`) at W8A8 and W4A8 (4-bit
-weight grid stored as int8), then, in one process with 1 onnxruntime thread, measures each
-model's onnxruntime top-1 on all validation images, the top-1 agreement of brecq's ONNX models
-with their PyTorch fake-quantized models, and latency at batch 1 and 64 (minimum and median of
-`--runs` runs after warm-up, the models taking turns). `--torchvision resnet18,mobilenet_v2`
-adds float vs brecq W8A8 latency at batch 1 for those models (random weights, 224x224,
-round-to-nearest: reconstruction does not change speed). `--placement-cost` also reports the
-PyTorch fake-quantized top-1 of `--backend none` vs `onnxruntime` at W4A4 and W8A8.
+CIFAR ResNet-20 (weights and data under `--data-root`, see common.py): exports the float model,
+quantizes it with onnxruntime's own `quantize_static` (QDQ, int8 weights per channel, uint8
+activations, MinMax, 512 calibration images) and with brecq (BRECQ, `--backend onnxruntime`) at
+W8A8 and W4A8 (4-bit weight grid stored as int8), then, in one process with 1 onnxruntime thread,
+measures each model's onnxruntime top-1 on all validation images, the top-1 agreement of brecq's
+ONNX models with their PyTorch fake-quantized models, and latency at batch 1 and 64 (minimum and
+median of `--runs` runs after warm-up, the models taking turns). `--torchvision
+resnet18,mobilenet_v2` adds float vs brecq W8A8 latency at batch 1 for those models (random
+weights, 224x224, round-to-nearest: reconstruction does not change speed). `--placement-cost` also
+reports the PyTorch fake-quantized top-1 of `--backend none` vs `onnxruntime` at W4A4 and W8A8.
 
 Writes one JSON and a Markdown table (default benchmarks/results/onnx_latency.{json,md}).
-Skips (exit 0) when ../shared is absent.
+Skips (exit 0) when the data or the weights are absent.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/onnx_latency.py [--iters-w 500]
         [--iters-a 100] [--runs 50] [--torchvision resnet18,mobilenet_v2] [--placement-cost]
@@ -31,11 +31,8 @@ import time
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-WEIGHTS = SHARED / "weights" / "cifar10" / "resnet20.pt"
-DATA = SHARED / "data" / "cifar10"
-RESULTS = ROOT / "benchmarks" / "results" / "onnx_latency"
+from common import RESULTS, Cifar10, add_data_root_argument, skip
+
 EVAL_BATCH = 500
 
 
@@ -90,21 +87,13 @@ def _torch_predictions(net, images, quantized: bool):  # noqa: ANN001, ANN202
     return torch.cat(outs).numpy()
 
 
-def _load_val(prep):  # noqa: ANN001, ANN202
-    import torch
-
-    from brecq.data import eval_loader
-
-    images, labels = [], []
-    for x, y in eval_loader(DATA, prep, batch_size=EVAL_BATCH, num_workers=0):
-        images.append(x)
-        labels.append(y)
-    return torch.cat(images), torch.cat(labels).numpy()
+def _load_val(cifar: Cifar10, prep):  # noqa: ANN001, ANN202
+    images, labels = cifar.val(prep)
+    return images, labels.numpy()
 
 
 def _brecq(model, calib, bits: tuple[int, int], args, backend: str = "onnxruntime"):  # noqa: ANN001, ANN202
-    from brecq import BrecqConfig
-    from brecq.recon.pipeline import quantize
+    from brecq import BrecqConfig, quantize
 
     config = BrecqConfig(weight_bits=bits[0], act_bits=bits[1], iters_w=args.iters_w,
                          iters_a=args.iters_a, calib_size=len(calib), backend=backend,
@@ -114,10 +103,9 @@ def _brecq(model, calib, bits: tuple[int, int], args, backend: str = "onnxruntim
     return qmodel.eval(), round(time.perf_counter() - started, 1)
 
 
-def _resnet20_rows(args, work: Path) -> dict:  # noqa: ANN001
+def _resnet20_rows(args, cifar: Cifar10, work: Path) -> dict:  # noqa: ANN001
     import numpy as np
 
-    from brecq.data import load_calibration
     from brecq.export import export_onnx
     from brecq.export.ort_bench import (
         float_compute_ops,
@@ -126,12 +114,10 @@ def _resnet20_rows(args, work: Path) -> dict:  # noqa: ANN001
         optimized_op_counts,
         session,
     )
-    from brecq.models import build_model
 
-    model, prep = build_model("cifar_resnet20", weights=str(WEIGHTS))
-    model.eval()
-    calib = load_calibration(DATA, prep, num_samples=args.calib_size, seed=0)
-    images, labels = _load_val(prep)
+    model, prep = cifar.build("resnet20")
+    calib = cifar.calibration(prep, args.calib_size, 0)
+    images, labels = _load_val(cifar, prep)
     if args.limit:
         images, labels = images[:args.limit], labels[:args.limit]
     shape = tuple(images.shape[1:])
@@ -178,10 +164,9 @@ def _torchvision_rows(names: list[str], args, work: Path) -> dict:  # noqa: ANN0
     import torch
     import torchvision
 
-    from brecq import BrecqConfig
+    from brecq import BrecqConfig, quantize
     from brecq.export import export_onnx
     from brecq.export.ort_bench import float_compute_ops, latency_ms, optimized_op_counts, session
-    from brecq.recon.pipeline import quantize
 
     out = {}
     for name in names:
@@ -202,13 +187,10 @@ def _torchvision_rows(names: list[str], args, work: Path) -> dict:  # noqa: ANN0
     return out
 
 
-def _placement_cost(args) -> dict:  # noqa: ANN001
-    from brecq.data import load_calibration
-    from brecq.models import build_model
-
-    model, prep = build_model("cifar_resnet20", weights=str(WEIGHTS))
-    calib = load_calibration(DATA, prep, num_samples=args.calib_size, seed=0)
-    images, labels = _load_val(prep)
+def _placement_cost(args, cifar: Cifar10) -> dict:  # noqa: ANN001
+    model, prep = cifar.build("resnet20")
+    calib = cifar.calibration(prep, args.calib_size, 0)
+    images, labels = _load_val(cifar, prep)
     if args.limit:
         images, labels = images[:args.limit], labels[:args.limit]
     out = {}
@@ -263,13 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--placement-bits", default="W4A4,W8A8")
     parser.add_argument("--placement-backends", default="none,onnxruntime")
     parser.add_argument("--skip-resnet20", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS / "onnx_latency")
+    add_data_root_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("brecq").setLevel(logging.WARNING)
-    if not WEIGHTS.is_file() or not DATA.is_dir():
-        print(f"skipped: {WEIGHTS} or {DATA} is missing")
-        return 0
+    cifar = Cifar10.under(args.data_root)
+    if cifar.missing(["resnet20"]):
+        return skip(cifar.missing(["resnet20"]))
     import onnxruntime
     import torch
 
@@ -283,11 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if not args.skip_resnet20:
-            result["resnet20"] = _resnet20_rows(args, work)
+            result["resnet20"] = _resnet20_rows(args, cifar, work)
         if args.torchvision:
             result["torchvision"] = _torchvision_rows(args.torchvision.split(","), args, work)
     if args.placement_cost:
-        result["placement_cost"] = _placement_cost(args)
+        result["placement_cost"] = _placement_cost(args, cifar)
     result["machine"]["load_average_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")

@@ -1,15 +1,15 @@
 """Reconstruction speed: per-iteration time of single units and the wall time of a whole run.
 
 Three measurements, each for every loop variant asked for (`eager` is the straightforward loop
-kept as the baseline; `fast` is the default; `+bf16`/`+compile` add autocast / torch.compile,
-`+cl` channels-last batches, `+graph` CUDA graph replay of each step; without it `fast`
-is the fast loop with no graph):
+of eager_baseline.py, kept as the baseline; `fast` is the library's; `+bf16`/`+compile` add
+autocast / torch.compile, `+cl` channels-last batches, `+graph` CUDA graph replay of each step;
+without it `fast` is the plain executor with no graph):
 
   (a) one CIFAR ResNet-20 block (`layer2.1`), batch 32;
   (b) torchvision ResNet-18 `layer1.0` and `layer4.1` at 224x224, batch 32 (random weights and
       inputs: the arithmetic is what is timed);
   (c) the whole ResNet-20 W4A4 BRECQ pipeline at the given budget: wall time, final unit
-      losses and, when ../shared holds CIFAR-10 and the pretrained weights, top-1 on val.
+      losses and, when the data root holds CIFAR-10 and the pretrained weights, top-1 on val.
 
 Per-iteration time is the AdaRound loop of `optimize_unit` (what 20,000 iterations per unit
 repeat): (time of N iterations - time of N/5 iterations) / (4N/5), so that what each call pays
@@ -25,6 +25,7 @@ Writes benchmarks/results/speed.json with the device name.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -39,32 +40,33 @@ import torch
 
 from brecq import BrecqConfig, prepare, quantize
 from brecq.models.cifar_resnet import cifar_resnet20
-from brecq.recon.cache import ActivationCache
-from brecq.recon.pipeline import capture
-from brecq.recon.reconstruct import (
-    FP_OUT,
-    GRAPH_WARMUP_STEPS,
-    Q_IN,
-    LoopOptions,
-    Schedule,
-    UnitObjective,
-    optimize_unit,
-)
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-SHARED = ROOT.parent / "shared"
+from brecq.recon.cache import FP_OUT, Q_IN, ActivationCache
+from brecq.recon.capture import capture
+from brecq.recon.executors import GRAPH_WARMUP_STEPS, Executor
+from brecq.recon.objective import UnitObjective
+from brecq.recon.reconstruct import optimize_unit
+from brecq.recon.step import LoopOptions, Schedule
+from common import RESULTS, Cifar10, add_data_root_argument
+from eager_baseline import in_pipeline, run_eager
 
 
-def parse_variant(text: str) -> LoopOptions:
+def parse_variant(text: str) -> tuple[LoopOptions, Executor | None]:
+    """The loop options of a variant and, for `eager`, the baseline executor."""
     loop, *extras = text.split("+")
     unknown = set(extras) - {"bf16", "fp16", "tf32", "compile", "cl", "graph"}
     if loop not in ("eager", "fast") or unknown:
         raise SystemExit(f"variant {text!r}: use eager|fast, optionally +bf16, +tf32, +compile,"
                          " +cl (channels-last), +graph (CUDA graph replay)")
     autocast = next((e for e in extras if e not in ("compile", "cl", "graph")), "none")
-    return LoopOptions(loop=loop, autocast=autocast, compile="compile" in extras,
-                       channels_last="cl" in extras, cuda_graph="graph" in extras)
+    options = LoopOptions(autocast=autocast, compile="compile" in extras,
+                          channels_last="cl" in extras, cuda_graph="graph" in extras)
+    return options, run_eager if loop == "eager" else None
+
+
+def variant_arguments(name: str) -> dict:
+    """The `options` and `executor` arguments of optimize_unit for variant `name`."""
+    options, executor = parse_variant(name)
+    return {"options": options, "executor": executor}
 
 
 def sync(device: torch.device) -> None:
@@ -104,7 +106,7 @@ def time_unit(model: torch.nn.Module, unit_name: str, calib: torch.Tensor, devic
         for name in variants:  # warm-up (and compilation) outside the timed repetitions
             optimize_unit(unit.module, cache, pairs, [],
                           dataclasses.replace(schedule, iters=GRAPH_WARMUP_STEPS + 2),
-                          torch.Generator().manual_seed(0), options=parse_variant(name))
+                          torch.Generator().manual_seed(0), **variant_arguments(name))
         for _ in range(repeats):
             for name in variants:
                 seconds = {}
@@ -114,7 +116,7 @@ def time_unit(model: torch.nn.Module, unit_name: str, calib: torch.Tensor, devic
                     result = optimize_unit(unit.module, cache, pairs, [],
                                            dataclasses.replace(schedule, iters=count),
                                            torch.Generator().manual_seed(0),
-                                           options=parse_variant(name))
+                                           **variant_arguments(name))
                     sync(device)
                     seconds[count] = time.perf_counter() - started
                     if count == iters:
@@ -153,41 +155,39 @@ def matmul_gflops(device: torch.device) -> float:
 
 
 def pipeline_runs(device: torch.device, variants: list[str], iters_w: int, iters_a: int,
-                  calib_size: int) -> list[dict]:
-    """Whole ResNet-20 W4A4 BRECQ runs; real data and weights from ../shared when present."""
-    weights = SHARED / "weights" / "cifar10" / "resnet20.pt"
-    data_dir = SHARED / "data" / "cifar10"
-    real = weights.is_file() and (data_dir / "train").is_dir() and (data_dir / "val").is_dir()
+                  calib_size: int, cifar: Cifar10) -> list[dict]:
+    """Whole ResNet-20 W4A4 BRECQ runs; real data and weights from the data root when present."""
+    real = not cifar.missing(["resnet20"])
     if real:
-        from brecq.data import eval_loader, load_calibration
+        from brecq.data import eval_loader
         from brecq.evaluate import evaluate
-        from brecq.models import build_model
 
-        model, prep = build_model("cifar_resnet20", weights=str(weights))
-        calib = load_calibration(data_dir, prep.to_transform(), num_samples=calib_size, seed=0)
-        val = eval_loader(data_dir, prep.to_transform(), batch_size=500, num_workers=2)
+        model, prep = cifar.build("resnet20")
+        calib = cifar.calibration(prep.to_transform(), calib_size, 0)
+        val = eval_loader(cifar.data_dir, prep.to_transform(), batch_size=500, num_workers=2)
     else:
         torch.manual_seed(0)
         model, calib = cifar_resnet20(), torch.randn(calib_size, 3, 32, 32)
     model.eval()
     rows = []
     for name in variants:
-        options = parse_variant(name)
+        options, executor = parse_variant(name)
         config = BrecqConfig(weight_bits=4, act_bits=4, iters_w=iters_w, iters_a=iters_a,
-                             calib_size=calib_size, device=str(device), recon_loop=options.loop,
+                             calib_size=calib_size, device=str(device),
                              autocast=options.autocast, compile=options.compile,
                              channels_last=options.channels_last,
                              cuda_graph=options.cuda_graph)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
-        qmodel, report = quantize(model, calib, config)
+        with in_pipeline() if executor is not None else contextlib.nullcontext():
+            qmodel, report = quantize(model, calib, config)
         sync(device)
         row = {"variant": name, "iters_w": iters_w, "iters_a": iters_a,
                "wall_seconds": time.perf_counter() - started,
                "final_losses": [round(u.loss_after, 6) for u in report.units],
                "sum_final_loss": sum(u.loss_after for u in report.units),
-               "data": "cifar10 (../shared)" if real else "random (../shared absent)"}
+               "data": "cifar10" if real else "random (no CIFAR-10 under the data root)"}
         if device.type == "cuda":
             row["peak_device_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         if real:
@@ -268,6 +268,7 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated parts to leave out:"
                         " resnet20,resnet18,pipeline,resnet50-cache")
     parser.add_argument("--out", type=Path, default=RESULTS / "speed.json")
+    add_data_root_argument(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -315,7 +316,8 @@ def main() -> None:
 
     if "pipeline" not in skip and args.pipeline_iters != "skip":
         iters_w, iters_a = (int(v) for v in args.pipeline_iters.split(","))
-        rows = pipeline_runs(device, variants, iters_w, iters_a, args.calib_size)
+        rows = pipeline_runs(device, variants, iters_w, iters_a, args.calib_size,
+                             Cifar10.under(args.data_root))
         print(f"\nResNet-20 W4A4 BRECQ, {iters_w}/{iters_a} iterations per unit, "
               f"{args.calib_size} calibration images ({rows[0]['data']}):")
         for r in rows:

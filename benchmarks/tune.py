@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import accuracy
+from common import BRECQ_FIELDS, METHODS, MODELS, add_data_root_argument, parse_bits
 
 HERE = Path(__file__).resolve().parent
 ACCURACY = HERE / "accuracy.py"
@@ -88,15 +88,15 @@ def load_spec(path: Path) -> tuple[dict[str, Any], list[Study]]:
         missing = [k for k in ("model", "method", "bits") if k not in entry]
         if missing:
             raise SpecError(f"study {n} lacks {', '.join(missing)}")
-        if entry["model"] not in accuracy.MODELS or entry["method"] not in accuracy.METHODS:
-            raise SpecError(f"study {n}: model must be one of {', '.join(accuracy.MODELS)} and "
-                            f"method one of {', '.join(accuracy.METHODS)}")
+        if entry["model"] not in MODELS or entry["method"] not in METHODS:
+            raise SpecError(f"study {n}: model must be one of {', '.join(MODELS)} and "
+                            f"method one of {', '.join(METHODS)}")
         try:
-            accuracy.parse_bits(entry["bits"])
+            parse_bits(entry["bits"])
         except argparse.ArgumentTypeError as exc:
             raise SpecError(f"study {n}: {exc}") from exc
         grid = entry.get("grid", {})
-        bad = sorted(k for k in grid if k not in accuracy.BRECQ_FIELDS)
+        bad = sorted(k for k in grid if k not in BRECQ_FIELDS)
         if bad or not all(isinstance(v, list) and v for v in grid.values()):
             raise SpecError(f"study {n}: the grid maps BrecqConfig fields to non-empty lists of "
                             f"values; unknown or empty: {', '.join(bad) or 'an empty list'}")
@@ -117,7 +117,7 @@ def job_args(study: Study, point: dict[str, Any], seed: int, split: str, name: s
     cmd = [sys.executable, str(ACCURACY), "--models", study.model, "--methods", study.method,
            "--bits", study.bits, "--seeds", str(seed), "--budget", spec.get("budget", "cpu"),
            "--device", args.device, "--threads", str(args.threads), "--name", name,
-           "--results-dir", str(args.out / "jobs"), "--no-report"]
+           "--results-dir", str(args.out / "jobs"), "--no-report", "--data-root", str(args.data_root)]
     if args.data:
         cmd += ["--data", str(args.data)]
     if args.weights_dir:
@@ -219,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-s", type=float, default=60.0,
                    help="rough seconds one run takes: no held-out run starts later than this "
                         "before the val reserve")
-    p.add_argument("--data", type=Path, default=None)
-    p.add_argument("--weights-dir", type=Path, default=None)
+    add_data_root_argument(p)
+    p.add_argument("--data", type=Path, default=None, help="accuracy.py --data")
+    p.add_argument("--weights-dir", type=Path, default=None, help="accuracy.py --weights-dir")
     p.add_argument("--iters-w", type=int, default=None, help="quick checks only")
     p.add_argument("--iters-a", type=int, default=None, help="quick checks only")
     p.add_argument("--eval-size", type=int, default=None, help="quick checks only")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brecq import BrecqConfig, ModelError, prepare, quantize
+from brecq import BrecqConfig, ConfigError, ModelError, prepare, quantize
 from brecq.quant.modules import QuantLayer
 
 TINY = dict(iters_w=2, iters_a=2, calib_size=8, batch_size=4, act_init_samples=4, device="cpu",
@@ -459,6 +459,51 @@ def test_a_model_using_its_children_otherwise_than_calling_them_falls_back_to_th
     assert "falling back to the module tree" in caplog.text
     assert set(qmodel.layers) == {"stem.0", "body.conv1", "body.left", "body.right", "head.0"}
     assert _quant_off_error(qmodel, model, x) < 1e-4
+
+
+class _ConvHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+class _UntraceableConvHead(_ConvHead):
+    """Calls its layers from code fx cannot trace: prepared on the module tree."""
+
+    def forward(self, x):
+        y = self.conv(x).mean((2, 3))
+        return self.fc(y) if y.sum() > -1e30 else y
+
+
+@pytest.mark.parametrize("bad", [
+    dict(layer_bits={"fc2": 4}), dict(float_layers=("fx",)), dict(float_layers=("head*",)),
+    dict(first_layers=("cnv",)), dict(last_layers=("fc", "head")),
+])
+def test_bad_layer_names_fail_alike_on_the_graph_and_the_module_tree(bad):
+    x = torch.randn(2, 3, 8, 8)
+    config = BrecqConfig(weight_bits=4, act_bits=4, scale_search="minmax")
+    assert prepare(_ConvHead(), config, (x,)).traced
+    assert not prepare(_UntraceableConvHead(), config, (x,)).traced
+    errors = []
+    for model in (_ConvHead(), _UntraceableConvHead()):
+        with pytest.raises(ConfigError) as caught:
+            prepare(model, config.replace(**bad), (x,))
+        errors.append(str(caught.value))
+    assert errors[0] == errors[1]
+    assert f"{next(iter(bad))} names" in errors[0]
+
+
+def test_act_layer_bits_names_are_checked_on_the_module_tree_too():
+    x = torch.randn(2, 3, 8, 8)
+    config = BrecqConfig(weight_bits=4, act_bits=4, scale_search="minmax")
+    assert prepare(_UntraceableConvHead(), config.replace(act_layer_bits={"fc": 6}),
+                   (x,)).act_quantizers["fc"].bits == 6
+    for model in (_ConvHead(), _UntraceableConvHead()):
+        with pytest.raises(ConfigError, match="act_layer_bits names 'nope'"):
+            prepare(model, config.replace(act_layer_bits={"nope": 4}), (x,))
 
 
 @pytest.mark.parametrize("model_class, size", [(_NetWithUntraceableBlock, 16), (_DataDependentRoot, 8)],

@@ -78,3 +78,16 @@ def test_model_zoo_row_and_table_for_a_small_model(tmp_path, monkeypatch):
     assert row["quantized"] == row["total"] == 26 and row["recon"] == "yes"
     assert row["float_rel_err"] < 1e-4 and row["cosine"] > 0.9
     assert "| squeezenet1_1 | 1.2 | 4x3x64x64 | 26 / 26 | fx |" in (tmp_path / "zoo.md").read_text()
+
+
+def test_data_root_comes_from_the_environment_and_missing_data_skips(tmp_path, monkeypatch, capsys):
+    import common
+
+    monkeypatch.setenv("BRECQ_DATA_ROOT", str(tmp_path))
+    assert common.default_data_root() == tmp_path
+    cifar = common.Cifar10.under(tmp_path)
+    assert cifar.weights("resnet56") == tmp_path / "weights" / "cifar10" / "resnet56.pt"
+    assert accuracy.main(["--models", "resnet20", "--methods", "rtn", "--bits", "W4A4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("SKIP:") and str(tmp_path / "data" / "cifar10" / "train") in out
+    assert str(cifar.weights("resnet20")) in out

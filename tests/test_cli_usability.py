@@ -18,8 +18,9 @@ import torch
 
 import brecq
 from brecq import BrecqConfig
-from brecq.cli import build_parser, main, resume_command
-from brecq.config import AUTO_RULES, auto_rule
+from brecq.cli import build_parser, main
+from brecq.cli.quantize import resume_command
+from brecq.methods import AUTO_RULES, auto_rule
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -186,7 +187,7 @@ def test_interrupt_prints_the_exact_resume_command(data, tmp_path, capsys, monke
 
     real = pipeline.quantize
 
-    @functools.wraps(real)  # keeps the signature: the CLI checks it for checkpoint_dir=
+    @functools.wraps(real)
     def interrupted_after_saving(*args, **kwargs):
         result = real(*args, **kwargs)
         if kwargs.get("checkpoint_dir") is not None:

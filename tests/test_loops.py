@@ -1,4 +1,7 @@
-"""The fast reconstruction loop, its options and the eager baseline it must agree with."""
+"""The reconstruction step's executors, their options and the eager baseline they must agree with."""
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,6 +9,10 @@ from torch import nn
 
 from brecq import BrecqConfig, ConfigError, quantize
 from brecq.recon.cache import ActivationCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import eager_baseline  # noqa: E402
 
 # These tests compare loop implementations (same math, other float order) on the research
 # placement: with the onnxruntime placement (extra 8-bit residual quantizers) the final unit
@@ -46,7 +53,8 @@ def _params(qmodel) -> dict[str, torch.Tensor]:
 def test_fast_loop_matches_the_eager_baseline(resnet_and_data, method):
     model, calib = resnet_and_data
     config = BrecqConfig(method=method, iters_w=12, iters_a=6, **TINY)
-    eager, eager_report = quantize(model, calib, config.replace(recon_loop="eager"))
+    with eager_baseline.in_pipeline():
+        eager, eager_report = quantize(model, calib, config)
     fast, fast_report = quantize(model, calib, config)
     a, b = _params(eager), _params(fast)
     assert a.keys() == b.keys()
@@ -69,11 +77,12 @@ def test_cuda_graph_step_logic_matches_the_fast_loop(resnet_and_data, method, mo
     # The graph loop reads its batch, schedule and learning rate from device-side tables through
     # a step counter; off CUDA it runs that same step eagerly, so its logic is checked here.
     from brecq.recon import reconstruct
+    from brecq.recon.executors import run_graph
 
     model, calib = resnet_and_data
     config = BrecqConfig(method=method, iters_w=12, iters_a=6, **TINY)
     fast, fast_report = quantize(model, calib, config)
-    monkeypatch.setattr(reconstruct, "_uses_cuda_graph", lambda objective, options: True)
+    monkeypatch.setattr(reconstruct, "select_executor", lambda objective, options: run_graph)
     graph, graph_report = quantize(model, calib, config)
     a, b = _params(fast), _params(graph)
     for key in a:
@@ -187,13 +196,31 @@ class _CacheOn:
 def test_cuda_graph_is_chosen_only_for_a_cache_wholly_on_the_gpu():
     # "cuda" (the compute device as configured) and "cuda:0" (where tensors report they are)
     # name the same GPU; a cache split between GPU and host gathers on the host.
-    from brecq.recon.reconstruct import LoopOptions, UnitObjective, _uses_cuda_graph
+    from brecq.recon.executors import run_compiled, run_graph, run_plain, select_executor
+    from brecq.recon.objective import UnitObjective
+    from brecq.recon.step import LoopOptions
 
     on_gpu = UnitObjective(nn.Identity(), _CacheOn("cuda", "cuda:0"), 2.0)
-    assert _uses_cuda_graph(on_gpu, LoopOptions())
-    assert not _uses_cuda_graph(on_gpu, LoopOptions(cuda_graph=False))
-    assert not _uses_cuda_graph(on_gpu, LoopOptions(loop="eager"))
+    assert select_executor(on_gpu, LoopOptions()) is run_graph
+    assert select_executor(on_gpu, LoopOptions(cuda_graph=False)) is run_plain
+    assert select_executor(on_gpu, LoopOptions(compile=True)) is run_compiled
     split = UnitObjective(nn.Identity(), _CacheOn("cuda", "cpu"), 2.0)
-    assert not _uses_cuda_graph(split, LoopOptions())
+    assert select_executor(split, LoopOptions()) is run_plain
     on_cpu = UnitObjective(nn.Identity(), _CacheOn("cpu", "cpu"), 2.0)
-    assert not _uses_cuda_graph(on_cpu, LoopOptions())
+    assert select_executor(on_cpu, LoopOptions()) is run_plain
+
+
+@pytest.mark.parametrize("method", ["brecq", "qdrop"])
+def test_quantize_leaves_the_global_generator_alone_and_repeats_itself(resnet_and_data, method):
+    # Mini-batches and QDrop masks come from the run's own seeded generators.
+    model, calib = resnet_and_data
+    config = BrecqConfig(method=method, iters_w=6, iters_a=3, **TINY)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first, first_report = quantize(model, calib, config)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(456)  # another global state: the same result all the same
+    second, second_report = quantize(model, calib, config)
+    a, b = _params(first), _params(second)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert [u.loss_after for u in first_report.units] == [u.loss_after for u in second_report.units]

@@ -151,9 +151,8 @@ def test_integer_bias_puts_biases_of_quantized_inputs_on_the_int32_grid(backend,
 
 @pytest.mark.parametrize("floor", [0.0, 1.0])
 def test_fisher_weights_have_mean_one_and_a_floor_keeps_every_element(mnist, floor):
-    from brecq.recon.cache import ActivationCache
-    from brecq.recon.pipeline import capture_fisher, float_logits
-    from brecq.recon.reconstruct import GRAD
+    from brecq.recon.cache import GRAD, ActivationCache
+    from brecq.recon.capture import capture_fisher, float_logits
 
     model, calib, _ = mnist
     data = calib[:64]

@@ -90,3 +90,52 @@ def test_resume_refuses_a_different_config_or_missing_checkpoint(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="unreadable"):
         quantize(model, calib, BrecqConfig(**small), checkpoint_dir=tmp_path, resume=True)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_interrupted_qdrop_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    # QDrop draws random masks: the checkpoint must carry the run's generators, and resuming
+    # must give the same masks (and so the same result) as the run that was not interrupted.
+    from brecq.recon.checkpoint import RunCheckpoint
+
+    config = BrecqConfig(**dict(CONFIG, method="qdrop", iters_w=20))
+    model, calib = _inputs()
+    straight, _ = quantize(model, calib, config)
+    mark_done = RunCheckpoint.mark_done
+
+    def stop_after_three_units(self, *args, **kwargs):
+        mark_done(self, *args, **kwargs)
+        if len(self.done) == 3:
+            raise _Stop
+
+    monkeypatch.setattr(RunCheckpoint, "mark_done", stop_after_three_units)
+    with pytest.raises(_Stop):
+        quantize(model, calib, config, checkpoint_dir=tmp_path)
+    monkeypatch.setattr(RunCheckpoint, "mark_done", mark_done)
+    torch.manual_seed(99)  # the global generator plays no part
+    resumed, _ = quantize(model, calib, config, checkpoint_dir=tmp_path, resume=True)
+    a, b = resumed.state_dict(), straight.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_accepts_changed_runtime_options_and_refuses_recipe_changes(tmp_path):
+    from brecq.recon.checkpoint import read_checkpoint
+
+    model, calib = _inputs()
+    small = dict(CONFIG, iters_w=2, iters_a=2)
+    quantize(model, calib, BrecqConfig(**small), checkpoint_dir=tmp_path)
+    # Where and how fast it runs is no part of the result: a resume may change all of it.
+    runtime = dict(cache_device="cpu", cache_budget_gb=0.5, cuda_graph=False, dist_timeout=30.0)
+    _, report = quantize(model, calib, BrecqConfig(**dict(small, **runtime)),
+                         checkpoint_dir=tmp_path, resume=True)
+    assert report.units  # restored from the checkpoint
+    path = tmp_path / "checkpoint.pt"
+    read_checkpoint(path, BrecqConfig(**small).resolved().replace(
+        compile=True, device="cuda", autocast="bf16", channels_last=True))
+    for change, message in (({"iters_w": 3}, "iters_w: 2 -> 3"), ({"act_bits": 8}, "act_bits: 4 -> 8"),
+                            ({"method": "qdrop"}, "method: 'brecq' -> 'qdrop'")):
+        with pytest.raises(CheckpointError, match=message):
+            read_checkpoint(path, BrecqConfig(**dict(small, **change)).resolved())

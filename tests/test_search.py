@@ -194,6 +194,27 @@ def test_sensitivity_falls_with_more_bits_and_is_cached(tmp_path):
     assert other.fingerprint != table.fingerprint
 
 
+def test_sensitivity_fingerprint_ignores_runtime_options_and_the_final_runs_recipe():
+    from brecq.search.sensitivity import fingerprint
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    samples = torch.randn(8, 4)
+    search = SearchConfig(samples=8, candidates=(2, 4))
+    base = BrecqConfig(act_bits=8)
+    key = fingerprint(model, samples, base, search)
+    for same in ({"device": "cuda", "cache_device": "cpu", "cache_budget_gb": 1.0, "compile": True,
+                  "cuda_graph": False, "autocast": "bf16", "channels_last": True,
+                  "dist_timeout": 5.0},
+                 {"method": "qdrop", "iters_w": 7, "iters_a": 3, "calib_size": 64, "act_lr": 1e-2,
+                  "drop_prob": 0.1, "loss": "fisher"}):
+        assert fingerprint(model, samples, base.replace(**same), search) == key, same
+    for other in ({"first_last_bits": 4}, {"scale_search": "minmax"}, {"granularity": "layer"},
+                  {"seed": 1}, {"weight_lr": 3e-3}, {"act_bits": 4}):
+        assert fingerprint(model, samples, base.replace(**other), search) != key, other
+    assert fingerprint(model, samples, base, search.replace(rounding_iters=5)) != key
+    assert fingerprint(model, samples, base, search.replace(size_budget="2bit")) == key
+
+
 # ----------------------------------------------------------------------------- CLI
 
 

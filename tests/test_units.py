@@ -10,6 +10,7 @@ from torch import nn
 from brecq import BrecqConfig, ConfigError, prepare, quantize
 from brecq.models.cifar_resnet import cifar_resnet20
 from brecq.quant.modules import QuantLayer, QuantMultiheadAttention
+from brecq.quant.quantizers import WeightQuantizer
 
 # Min-max scales skip the Lp search, whose cost on ResNet-50 dominates tests that do not need it.
 TINY = dict(iters_w=2, iters_a=2, calib_size=8, batch_size=4, act_init_samples=4, device="cpu",
@@ -196,3 +197,40 @@ def test_untraceable_model_falls_back_to_module_tree_with_a_warning(caplog):
     # Layers after the stem read quantized inputs there too: their biases go on the int32 grid.
     rounded = {n for n, layer in qmodel.layers.items() if layer.bias_quantizer is not None}
     assert rounded == set(qmodel.layers) - {"stem.0"}
+
+
+class _ProjectedAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return self.attn(y, y, y)[0]
+
+
+def test_weight_quantizers_are_swapped_by_name_and_restored():
+    config = BrecqConfig(weight_bits=4, act_bits=None, first_last_bits=None, scale_search="minmax")
+    qmodel = prepare(_ProjectedAttention(), config, (torch.randn(2, 5, 8),))
+    before = dict(qmodel.weight_quantizers)
+    assert set(before) == {"fc", "attn.in_proj_weight", "attn.out_proj.weight"}
+    swapped = {"fc": WeightQuantizer(8), "attn.out_proj.weight": WeightQuantizer(6)}
+    with qmodel.weight_quantizers_swapped(swapped):
+        assert qmodel.weight_quantizers == {**before, **swapped}
+        assert qmodel.layer_bits("fc") == 8 and qmodel.layer_bits("attn") == 4
+    assert qmodel.weight_quantizers == before
+    with pytest.raises(KeyError, match="'attn' is not a quantized weight"):
+        qmodel.swap_weight_quantizer("attn", WeightQuantizer(8))
+
+
+def test_loaded_codes_round_back_to_themselves_and_drop_learned_rounding():
+    weight = torch.randn(6, 5)
+    learned = WeightQuantizer(3)
+    learned.calibrate(weight, "minmax")
+    learned.begin_adaround(weight)
+    codes = learned.int_weight(weight)
+    loaded = WeightQuantizer(3)
+    dequantized = loaded.load_codes(codes, learned.scale, learned.zero_point)
+    assert not loaded.learned
+    assert torch.equal(loaded.int_weight(dequantized), codes)

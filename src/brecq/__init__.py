@@ -10,8 +10,10 @@ from .errors import (
     ReconstructionError,
 )
 from .export import load_quantized, save_quantized
-from .graph.prepare import QuantizedModel, Unit, prepare
-from .recon.pipeline import QuantizationReport, UnitReport, quantize
+from .graph.model import QuantizedModel, Unit
+from .graph.prepare import prepare
+from .recon.pipeline import quantize
+from .recon.report import QuantizationReport, UnitReport
 
 __all__ = [
     "BrecqConfig",

@@ -27,7 +27,8 @@ import torch.distributed as torch_dist
 from torch import Tensor
 
 from .errors import ConfigError, ReconstructionError
-from .quant.quantizers import search_stride
+from .hashing import hash_tensor
+from .quant.quantizers import search_sample
 
 logger = logging.getLogger(__name__)
 
@@ -152,20 +153,14 @@ class DistContext:
         return torch.cat([part[:n] for part, n in zip(parts, sizes)]).to(flat.device)
 
     def gather_search_sample(self, flat: Tensor) -> Tensor:
-        """What `search_sample` would return for the concatenation of every rank's `flat`.
+        """What `search_sample` returns for the concatenation of every rank's `flat`.
 
         Only the strided subsample and the extremes travel, not the whole activation.
         """
         if not self.distributed:
             return flat
         sizes = self.sizes(flat.numel())
-        stride = search_stride(sum(sizes))
-        if stride == 1:
-            return self.gather(flat)
-        offset = sum(sizes[: self.rank])
-        strided = self.gather(flat[(-offset) % stride :: stride])
-        extremes = self.gather(torch.stack([flat.min(), flat.max()]))
-        return torch.cat([strided, extremes.min().reshape(1), extremes.max().reshape(1)])
+        return search_sample(flat, self.gather, offset=sum(sizes[: self.rank]), total=sum(sizes))
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """`obj` of every rank (picklable), in rank order."""
@@ -203,10 +198,8 @@ class DistContext:
 
 def _digest(tensor: Tensor) -> int:
     """64-bit hash of a tensor's dtype, shape and bytes."""
-    data = tensor.detach().to("cpu").contiguous().reshape(-1)
     h = hashlib.blake2b(digest_size=8)
-    h.update(f"{data.dtype}{tuple(tensor.shape)}".encode())
-    h.update(data.view(torch.uint8).numpy().tobytes())
+    hash_tensor(h, tensor)
     return int.from_bytes(h.digest(), "little", signed=True)
 
 
@@ -226,6 +219,28 @@ def current(timeout_s: float | None = None) -> DistContext:
     nccl = torch_dist.get_backend() == "nccl"
     comm = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     return DistContext(torch_dist.get_rank(), world, comm, timeout_s)
+
+
+@contextmanager
+def _blocking_nccl_waits(backend: str) -> Iterator[None]:
+    """Blocking waits for the NCCL process group created inside the block, and for nothing else.
+
+    Without them a collective that runs past the group's timeout aborts the whole process from
+    NCCL's watchdog thread; with them it raises in the waiting call, and the rank stops with a
+    ReconstructionError. torch has no process-group option for this: the NCCL group reads
+    TORCH_NCCL_BLOCKING_WAIT once, when it is constructed, so the variable is set only for that
+    call and then restored, leaving the caller's environment (and its other process groups and
+    child processes) as it was. A value the caller set is respected.
+    """
+    name = "TORCH_NCCL_BLOCKING_WAIT"
+    if backend != "nccl" or name in os.environ:
+        yield
+        return
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 
 @contextmanager
@@ -260,14 +275,11 @@ def session(device: torch.device, timeout_s: float) -> Iterator[DistContext]:
                 "start at most one process per GPU (--nproc_per_node)"
             )
         torch.cuda.set_device(local_rank)
-        # Without blocking waits a timed-out NCCL collective aborts the process from a watchdog
-        # thread; with them it raises here, and the rank stops with a ReconstructionError.
-        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
         backend, comm = "nccl", torch.device("cuda", local_rank)
     else:
         backend, comm = "gloo", torch.device("cpu")
     context = DistContext(rank, world, comm, timeout_s)
-    with context._collective("joining the process group"):
+    with context._collective("joining the process group"), _blocking_nccl_waits(backend):
         torch_dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
                                       rank=rank, world_size=world)
     logger.info("rank %d of %d joined (%s backend, device %s)", rank, world, backend, device)

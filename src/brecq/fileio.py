@@ -34,7 +34,12 @@ def atomic_torch_save(obj: object, path: Path) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` (UTF-8) to `path` atomically."""
-    _atomic_write(path, lambda handle: handle.write(text.encode()))
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically."""
+    _atomic_write(path, lambda handle: handle.write(data))
 
 
 def damage_of(path: Path, exc: BaseException) -> str | None:

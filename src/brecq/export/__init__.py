@@ -42,8 +42,6 @@ def export_command(
     Without `model`, the float model is rebuilt from model.json's "name" (and "weights", the
     checkpoint it was quantized from, if recorded) with `brecq.models.build_model`.
     """
-    import torch
-
     if fmt not in EXPORT_FORMATS:
         raise ModelError(f"export format {fmt!r} is unknown: use one of {', '.join(EXPORT_FORMATS)}")
     info = read_model_info(artifact_dir)
@@ -64,10 +62,9 @@ def export_command(
         model, _ = build_model(name, weights=weights, num_classes=info.get("num_classes"))
     qmodel = load_quantized(model, artifact_dir)
     shape = info.get("input_shape")
-    example = torch.randn(1, *[int(s) for s in shape[1:]]) if shape else None
-    if example is None:
+    if not shape:
         raise ModelError(f"{artifact_dir} has no input_shape: save with example_input= to export it")
-    from .onnx_qdq import DEFAULT_OPSET
+    from .onnx_qdq import DEFAULT_OPSET, example_input
     from .onnx_qdq import export_onnx as _export_onnx
 
-    return _export_onnx(qmodel, out_path, example, opset=opset or DEFAULT_OPSET)
+    return _export_onnx(qmodel, out_path, example_input(shape), opset=opset or DEFAULT_OPSET)

@@ -23,8 +23,6 @@ import json
 import logging
 import math
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,9 @@ from torch import Tensor, nn
 
 from ..config import BrecqConfig
 from ..errors import BrecqError, ModelError
-from ..graph.prepare import QuantizedModel, prepare
+from ..fileio import atomic_write_bytes, atomic_write_text
+from ..graph.model import QuantizedModel
+from ..graph.prepare import prepare
 from ..quant.quantizers import ActQuantizer, WeightQuantizer
 
 logger = logging.getLogger(__name__)
@@ -146,26 +146,6 @@ def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-# --------------------------------------------------------------------------------------------
 # Save
 
 
@@ -198,6 +178,52 @@ def _input_shape(info: dict, example_input: Tensor | None) -> list[int] | None:
     return None
 
 
+def _weight_tensors(weights: list[_WeightEntry], pack: bool,
+                    tensors: dict[str, Tensor]) -> list[dict[str, Any]]:
+    """Put each quantized weight's codes, scale and zero point in `tensors`; returns their
+    metadata."""
+    meta = []
+    for e in weights:
+        q = e.quantizer
+        codes = q.int_weight(e.weight.detach()).to(torch.int64) - q.qmin  # 0 .. 2**bits-1
+        packed = pack and _slot_bits(q.bits) < 8
+        stored = pack_codes(codes, q.bits) if packed else codes.to(torch.uint8)
+        tensors[f"{_W}{e.key}/codes"] = stored.cpu().contiguous()
+        tensors[f"{_W}{e.key}/scale"] = q.scale.detach().cpu().contiguous()
+        tensors[f"{_W}{e.key}/zero_point"] = q.zero_point.detach().cpu().to(torch.int16)
+        meta.append({
+            "name": e.label, "key": e.key, "quantizer": e.module,
+            "shape": list(e.weight.shape), "dtype": str(e.weight.dtype).removeprefix("torch."),
+            "packed": packed, "learned_rounding": q.learned, **_quantizer_meta(q),
+        })
+    return meta
+
+
+def _act_tensors(acts: list[_ActEntry], tensors: dict[str, Tensor]) -> list[dict[str, Any]]:
+    """Put each activation quantizer's scale and zero point in `tensors`; returns their
+    metadata."""
+    meta = []
+    for e in acts:
+        q = e.quantizer
+        if not bool(q.initialized):
+            raise ModelError(
+                f"activation quantizer {e.name!r} has no scale yet: save the model returned "
+                "by brecq.quantize (its activation scales are calibrated)"
+            )
+        tensors[f"{_A}{e.name}/scale"] = q.scale.detach().cpu().reshape(()).clone()
+        tensors[f"{_A}{e.name}/zero_point"] = q.zero_point.detach().cpu().to(torch.int16)
+        meta.append({"name": e.name, "quantizer": e.module, **_quantizer_meta(q)})
+    return meta
+
+
+def _output_dir(out_dir: str | os.PathLike[str]) -> Path:
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ModelError(f"{out} exists and is not a directory: choose a directory for the artifact")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def save_quantized(
     qmodel: QuantizedModel,
     out_dir: str | os.PathLike[str],
@@ -216,7 +242,7 @@ def save_quantized(
     `load_quantized` needs explicit `example_inputs`. `pack=True` stores 2-bit codes four per
     byte and 3/4-bit codes two per byte (wider codes stay one per byte).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     if not isinstance(qmodel, QuantizedModel):
         raise ModelError(
@@ -230,47 +256,21 @@ def save_quantized(
             info["input_shape"] = shape
         else:
             logger.warning("no example input shape known: load_quantized will need example_inputs=")
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ModelError(f"{out} exists and is not a directory: choose a directory for the artifact")
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_dir(out_dir)
 
     weights, acts, rest = _entries(qmodel)
     tensors: dict[str, Tensor] = {}
-    weight_meta = []
     with torch.no_grad():
-        for e in weights:
-            q = e.quantizer
-            codes = q.int_weight(e.weight.detach()).to(torch.int64) - q.qmin  # 0 .. 2**bits-1
-            packed = pack and _slot_bits(q.bits) < 8
-            stored = pack_codes(codes, q.bits) if packed else codes.to(torch.uint8)
-            tensors[f"{_W}{e.key}/codes"] = stored.cpu().contiguous()
-            tensors[f"{_W}{e.key}/scale"] = q.scale.detach().cpu().contiguous()
-            tensors[f"{_W}{e.key}/zero_point"] = q.zero_point.detach().cpu().to(torch.int16)
-            weight_meta.append({
-                "name": e.label, "key": e.key, "quantizer": e.module,
-                "shape": list(e.weight.shape), "dtype": str(e.weight.dtype).removeprefix("torch."),
-                "packed": packed, "learned_rounding": q.learned, **_quantizer_meta(q),
-            })
-        act_meta = []
-        for e in acts:
-            q = e.quantizer
-            if not bool(q.initialized):
-                raise ModelError(
-                    f"activation quantizer {e.name!r} has no scale yet: save the model returned "
-                    "by brecq.quantize (its activation scales are calibrated)"
-                )
-            tensors[f"{_A}{e.name}/scale"] = q.scale.detach().cpu().reshape(()).clone()
-            tensors[f"{_A}{e.name}/zero_point"] = q.zero_point.detach().cpu().to(torch.int16)
-            act_meta.append({"name": e.name, "quantizer": e.module, **_quantizer_meta(q)})
+        weight_meta = _weight_tensors(weights, pack, tensors)
+        act_meta = _act_tensors(acts, tensors)
         for key, tensor in rest.items():
             tensors[f"{_F}{key}"] = tensor.detach().cpu().contiguous()
 
     weights_path = out / WEIGHTS_FILE
-    _atomic_write(weights_path, lambda tmp: save_file(
-        tensors, tmp, metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
+    atomic_write_bytes(weights_path, save(
+        tensors, metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
     ))
-    _atomic_write_text(out / CONFIG_FILE, config.to_json() + "\n")
+    atomic_write_text(out / CONFIG_FILE, config.to_json() + "\n")
 
     artifact_bytes = weights_path.stat().st_size
     float_bytes = _float_bytes(qmodel)
@@ -289,7 +289,7 @@ def save_quantized(
             "compression": round(float_bytes / artifact_bytes, 3) if artifact_bytes else None,
         },
     }
-    _atomic_write_text(out / MODEL_FILE, json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(out / MODEL_FILE, json.dumps(meta, indent=2) + "\n")
     logger.info(
         "saved quantized model to %s: %.1f KiB on disk vs %.1f KiB float32 parameters (%.2fx smaller)",
         out, artifact_bytes / 1024, float_bytes / 1024, float_bytes / max(1, artifact_bytes),
@@ -460,13 +460,8 @@ def load_quantized(
                 raise _mismatch(out, model, [f"{e.key} has {codes.numel()} codes, not {numel}"])
             scale = _get(tensors, f"{_W}{e.key}/scale", weights_path).to(e.weight.dtype)
             zero_point = _get(tensors, f"{_W}{e.key}/zero_point", weights_path).to(scale.dtype)
-            if q.alpha is not None:  # never after prepare; kept for safety
-                q.alpha, q.w_floor = None, None
-            q.set_soft(False)
-            q.scale = scale.clone()
-            q.zero_point = zero_point.clone()
-            ints = (codes.to(torch.int64) + m["qmin"]).to(scale.dtype).reshape(e.weight.shape)
-            e.weight.copy_((ints - q.zero_point) * q.scale)
+            ints = (codes.to(torch.int64) + m["qmin"]).reshape(e.weight.shape)
+            e.weight.copy_(q.load_codes(ints, scale, zero_point))
         for e in acts:
             q = e.quantizer
             name = _saved_act_name(info, e)

@@ -1,4 +1,4 @@
-"""`brecq bench DIR`: how fast and how accurate a saved quantized model is in onnxruntime.
+"""How fast and how accurate a saved quantized model is in onnxruntime (`brecq bench DIR`).
 
 Exports the float model and the quantized model (QDQ) as ONNX next to the artifact, then
 measures onnxruntime CPU latency of both (batch 1 and a larger batch, min and median of N runs
@@ -10,9 +10,7 @@ fake-quantized model. `brecq quantize --export onnx` runs the same and puts it i
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import logging
 import os
 import warnings
@@ -79,14 +77,14 @@ def benchmark_quantized(qmodel: Any, float_model: nn.Module, input_shape: list[i
                         out_dir: str | os.PathLike[str], *, loader: Any = None, threads: int = 1,
                         runs: int = 30, batch: int = 64, warmup: int = 3) -> dict[str, Any]:
     """Export both models to `out_dir` and measure them in onnxruntime (see module doc)."""
-    from .onnx_qdq import export_onnx
+    from .onnx_qdq import example_input, export_onnx
     from .ort_bench import run_benchmark
 
     if runs < 1 or batch < 1 or threads < 1 or warmup < 0:
         raise ModelError(f"runs={runs}, batch={batch}, threads={threads}, warmup={warmup}: runs, "
                          "batch and threads must be positive, warmup >= 0")
     out = Path(out_dir).expanduser()
-    example = torch.randn(1, *[int(s) for s in input_shape[1:]])
+    example = example_input(input_shape)
     float_path = export_float_onnx(float_model, out / FLOAT_FILE, example)
     quant_path = export_onnx(qmodel, out / QUANT_FILE, example)
     result = {"float_onnx": str(float_path), "quantized_onnx": str(quant_path),
@@ -120,86 +118,4 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-# ------------------------------------------------------------------------- command line
-
-
-def add_bench_subparser(subparsers) -> argparse.ArgumentParser:  # noqa: ANN001
-    """Add the `bench` parser to an `add_subparsers()` object; returns it (func=run_bench)."""
-    p = subparsers.add_parser(
-        "bench", help="onnxruntime latency, size and accuracy: float vs quantized ONNX",
-        description="Export the model saved in DIR (by `brecq quantize --out DIR`) and its float "
-        "original as ONNX, and compare them in onnxruntime on the CPU: latency at batch 1 and "
-        "--batch, file size, float convs left unfused; with --data, onnxruntime top-1 of both "
-        "and agreement with the PyTorch fake-quantized model. Writes DIR/bench.json.",
-    )
-    p.add_argument("artifact_dir", metavar="DIR", help="folder written by `brecq quantize --out`")
-    add_bench_options(p)
-    p.add_argument("--data", metavar="DIR", help="folder with val/<class>/ images (optional)")
-    p.add_argument("--eval-size", type=int, metavar="N", help="use only the first N val images")
-    p.add_argument("--workers", type=int, default=0, metavar="N", help="data loading workers")
-    p.add_argument("--out", metavar="FILE", help="JSON output (default: DIR/bench.json)")
-    p.set_defaults(func=run_bench)
-    return p
-
-
-def add_bench_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("onnxruntime benchmark")
-    group.add_argument("--bench-threads", type=int, default=1, metavar="N",
-                       help="onnxruntime intra-op threads (default: 1)")
-    group.add_argument("--bench-runs", type=int, default=30, metavar="N",
-                       help="timed runs per model and batch size (default: 30)")
-    group.add_argument("--bench-batch", type=int, default=64, metavar="N",
-                       help="the larger batch size timed besides batch 1 (default: 64)")
-    group.add_argument("--bench-warmup", type=int, default=3, metavar="N",
-                       help="untimed runs before timing (default: 3)")
-
-
-def bench_kwargs(args: argparse.Namespace) -> dict[str, int]:
-    return {"threads": args.bench_threads, "runs": args.bench_runs, "batch": args.bench_batch,
-            "warmup": args.bench_warmup}
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    """Run `brecq bench`; raises BrecqError subclasses (one-line messages) on user errors."""
-    from ..models import Preprocessing, build_model
-    from .artifact import load_quantized, read_model_info
-
-    artifact = Path(args.artifact_dir).expanduser()
-    info = read_model_info(artifact)
-    name, shape = info.get("name"), info.get("input_shape")
-    if not name or not shape:
-        raise ModelError(f"{artifact}/model.json lacks the model name or input shape: save the "
-                         "model with `brecq quantize --out DIR`")
-    weights = info.get("weights")
-    if weights and not Path(weights).is_file():
-        raise ModelError(f"the float checkpoint {weights} recorded in {artifact} is gone: the "
-                         "float model to compare with cannot be rebuilt")
-    float_model, _ = build_model(name, weights=weights, num_classes=info.get("num_classes"))
-    qmodel = load_quantized(build_model(name, num_classes=info.get("num_classes"))[0], artifact)
-    loader = None
-    if args.data:
-        from ..data import eval_loader
-
-        saved = info.get("preprocessing")
-        if not saved:
-            raise ModelError(f"{artifact} records no preprocessing: --data cannot be read for it")
-        loader = eval_loader(args.data, Preprocessing.from_dict(saved), batch_size=100,
-                             num_workers=args.workers)
-        if args.eval_size is not None:
-            if args.eval_size < 1:
-                raise ModelError(f"--eval-size {args.eval_size} is not positive: pass e.g. 1000")
-            # Files are in class order: take evenly spaced ones so every class is represented.
-            step = max(1, len(loader.dataset.samples) // args.eval_size)
-            loader.dataset.samples = loader.dataset.samples[::step][:args.eval_size]
-            loader.dataset.targets = loader.dataset.targets[::step][:args.eval_size]
-    result = benchmark_quantized(qmodel, float_model.eval(), shape, artifact, loader=loader,
-                                 **bench_kwargs(args))
-    out = Path(args.out).expanduser() if args.out else artifact / "bench.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    for line in summary_lines(result):
-        print(line)
-    print(f"Wrote {out}", flush=True)
-    return 0
-
-
-__all__ = ["benchmark_quantized", "export_float_onnx", "summary_lines", "add_bench_subparser"]
+__all__ = ["benchmark_quantized", "export_float_onnx", "summary_lines"]

@@ -44,11 +44,11 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ModelError
-from ..graph.prepare import QuantizedModel
+from ..fileio import atomic_write_bytes
+from ..graph.model import QuantizedModel
 from ..quant import primitives as P
 from ..quant.modules import QuantizedWeights
 from ..quant.quantizers import ActQuantizer, BiasQuantizer, WeightQuantizer
-from .artifact import _atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,13 @@ class _QDQ(torch.autograd.Function):
         kwargs = {"axis_i": axis} if axis is not None else {}
         q = g.op("QuantizeLinear", x, scale, zero_point, **kwargs)
         return g.op("DequantizeLinear", q, scale, zero_point, **kwargs)
+
+
+def example_input(shape: tuple[int, ...] | list[int]) -> Tensor:
+    """A batch-1 input of the saved input shape to trace with; values from a private generator,
+    so exporting leaves the caller's random state alone."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(1, *[int(s) for s in shape[1:]], generator=generator)
 
 
 def _storage_dtype(qmin: int) -> torch.dtype:
@@ -318,9 +325,8 @@ def export_onnx(
     model.producer_name = "brecq"
     onnx.checker.check_model(model)
     out = Path(path).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
     data = model.SerializeToString()
-    _atomic_write(out, lambda tmp: Path(tmp).write_bytes(data))
+    atomic_write_bytes(out, data)
     logger.info("exported QDQ ONNX model to %s (opset %d, %d quantized weights, %.1f KiB)",
                 out, opset, folded, len(data) / 1024)
     return out

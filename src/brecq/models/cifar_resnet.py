@@ -12,18 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "CIFAR_MEAN",
-    "CIFAR_STD",
-    "BasicBlock",
-    "CifarResNet",
-    "PadShortcut",
-    "cifar_resnet20",
-    "cifar_resnet32",
-    "cifar_resnet44",
-    "cifar_resnet56",
-]
-
 # The public checkpoints were trained with these (ImageNet) statistics on 32x32 inputs.
 CIFAR_MEAN = (0.485, 0.456, 0.406)
 CIFAR_STD = (0.229, 0.224, 0.225)

@@ -15,14 +15,6 @@ from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "INTERPOLATIONS",
-    "Preprocessing",
-    "resolve_preprocessing",
-]
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
@@ -89,27 +81,12 @@ class Preprocessing:
     def channels(self) -> int:
         return len(self.mean)
 
-    def replace(
-        self,
-        resize: int | None = None,
-        crop: int | None = None,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        interpolation: str | None = None,
-    ) -> Preprocessing:
+    def replace(self, **changes: Any) -> Preprocessing:
         """A copy with the given fields overridden; None keeps a field. `resize=0` turns it off."""
-        changes: dict[str, Any] = {}
-        if resize is not None:
-            changes["resize"] = resize or None
-        if crop is not None:
-            changes["crop"] = crop
-        if mean is not None:
-            changes["mean"] = mean
-        if std is not None:
-            changes["std"] = std
-        if interpolation is not None:
-            changes["interpolation"] = interpolation
-        return dataclasses.replace(self, **changes)
+        given = {name: value for name, value in changes.items() if value is not None}
+        if "resize" in given:
+            given["resize"] = given["resize"] or None
+        return dataclasses.replace(self, **given)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -169,7 +146,8 @@ def resolve_preprocessing(
     be given.
     """
     if base is not None:
-        return base.replace(resize, crop, mean, std, interpolation)
+        return base.replace(resize=resize, crop=crop, mean=mean, std=std,
+                            interpolation=interpolation)
     missing = [n for n, v in (("crop", crop), ("mean", mean), ("std", std)) if v is None]
     if missing:
         raise ConfigError(

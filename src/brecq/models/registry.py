@@ -31,15 +31,6 @@ from ..fileio import damage_of
 from . import cifar_resnet
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
-__all__ = [
-    "BUNDLED_MODELS",
-    "ModelSpec",
-    "available_models",
-    "build_model",
-    "load_checkpoint",
-    "parse_model_name",
-]
-
 logger = logging.getLogger(__name__)
 
 BUNDLED_MODELS: dict[str, Callable[..., nn.Module]] = {

@@ -9,6 +9,7 @@ of `nn.MultiheadAttention`.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +25,19 @@ _PLAIN_FORWARDS = {cls.forward for cls in QUANTIZABLE_LAYERS}
 class QuantizedWeights(nn.Module):
     """Base of modules whose weights are quantized; lists (name, weight, quantizer) triples."""
 
+    # The attribute holding the quantizer of each weight that `weight_quantizers` names.
+    quantizer_attributes: ClassVar[dict[str, str]] = {}
+
     def weight_quantizers(self) -> Iterator[tuple[str, nn.Parameter, WeightQuantizer]]:
         raise NotImplementedError
+
+    def replace_weight_quantizer(self, weight_name: str, quantizer: WeightQuantizer
+                                 ) -> WeightQuantizer:
+        """Quantize the weight `weight_name` with `quantizer`; returns the one it replaces."""
+        attribute = self.quantizer_attributes[weight_name]
+        previous = getattr(self, attribute)
+        setattr(self, attribute, quantizer)
+        return previous
 
     @property
     def num_weight_params(self) -> int:
@@ -34,6 +46,8 @@ class QuantizedWeights(nn.Module):
 
 class QuantLayer(QuantizedWeights):
     """A Conv or Linear layer whose weight passes through a `WeightQuantizer`."""
+
+    quantizer_attributes: ClassVar[dict[str, str]] = {"weight": "weight_quantizer"}
 
     def __init__(self, layer: nn.Module, quantizer: WeightQuantizer) -> None:
         super().__init__()
@@ -89,6 +103,9 @@ def _call_with_tensors(layer: nn.Module, tensors: dict[str, Tensor], x: Tensor) 
 
 class QuantMultiheadAttention(QuantizedWeights):
     """`nn.MultiheadAttention` with quantized input and output projection weights."""
+
+    quantizer_attributes: ClassVar[dict[str, str]] = {
+        "in_proj_weight": "in_proj_quantizer", "out_proj.weight": "out_proj_quantizer"}
 
     def __init__(
         self, attention: nn.MultiheadAttention, in_quantizer: WeightQuantizer,

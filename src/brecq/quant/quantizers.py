@@ -62,6 +62,19 @@ class WeightQuantizer(nn.Module):
         self.soft = True
         return self.alpha
 
+    @torch.no_grad()
+    def load_codes(self, codes: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+        """Take saved integer codes (whole numbers in [qmin, qmax]) with their scale and zero
+        point, rounding to nearest from now on (any learned rounding is dropped). Returns the
+        float weight `(codes - zero_point) * scale`, which this quantizer maps back to exactly
+        `codes`."""
+        self.alpha = None
+        self.w_floor = None
+        self.soft = False
+        self.scale = scale.clone()
+        self.zero_point = zero_point.clone()
+        return (codes.to(scale.dtype) - self.zero_point) * self.scale
+
     def set_soft(self, soft: bool) -> None:
         if soft and self.alpha is None:
             raise RuntimeError("soft rounding needs begin_adaround() first")
@@ -132,6 +145,7 @@ class ActQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
         self.enabled = True
         self.drop_prob = 0.0
+        self.drop_generator: torch.Generator | None = None
         self._calibration: tuple[str, float, Sampler | None] | None = None
         # Host-side mirror of `initialized`: reading the buffer in forward would synchronize
         # with the device on every reconstruction iteration.
@@ -174,8 +188,10 @@ class ActQuantizer(nn.Module):
     def enable(self, enabled: bool) -> None:
         self.enabled = enabled
 
-    def set_drop(self, prob: float) -> None:
+    def set_drop(self, prob: float, generator: torch.Generator | None = None) -> None:
+        """Keep each element's float value with probability `prob`, drawn from `generator`."""
         self.drop_prob = prob
+        self.drop_generator = generator
 
     @property
     def ready(self) -> bool:
@@ -194,7 +210,7 @@ class ActQuantizer(nn.Module):
             self.calibrate(x, *self._calibration)
         xq = P.fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax)
         if self.drop_prob > 0:
-            keep_float = torch.rand_like(x) < self.drop_prob
+            keep_float = torch.rand_like(x, generator=self.drop_generator) < self.drop_prob
             xq = torch.where(keep_float, x, xq)
         return xq
 
@@ -213,13 +229,21 @@ def search_stride(numel: int) -> int:
     return 1 if numel <= _MAX_SEARCH_ELEMENTS else numel // _MAX_SEARCH_ELEMENTS + 1
 
 
-def search_sample(flat: Tensor) -> Tensor:
-    """The elements of `flat` that the activation scale search runs on."""
-    stride = search_stride(flat.numel())
+def search_sample(flat: Tensor, gather: Callable[[Tensor], Tensor] = lambda t: t,
+                  offset: int = 0, total: int | None = None) -> Tensor:
+    """The elements of `flat` that the activation scale search runs on.
+
+    `flat` may be one part of a longer tensor (`total` elements, this part starting at
+    `offset`) whose parts `gather` concatenates (across ranks): the sample is then that of the
+    whole, and only the strided subsample and the extremes of each part travel.
+    """
+    stride = search_stride(flat.numel() if total is None else total)
     if stride == 1:
-        return flat
+        return gather(flat)
+    strided = gather(flat[(-offset) % stride :: stride])
+    extremes = gather(torch.stack([flat.min(), flat.max()]))
     # Keep the true extremes so the largest candidate range still covers the data.
-    return torch.cat([flat[::stride], flat.min().reshape(1), flat.max().reshape(1)])
+    return torch.cat([strided, extremes.min().reshape(1), extremes.max().reshape(1)])
 
 
 class BiasQuantizer(nn.Module):

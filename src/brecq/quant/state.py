@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from .quantizers import ActQuantizer, Sampler, WeightQuantizer
@@ -57,17 +58,19 @@ def calibrating(act_quantizers: Iterable[ActQuantizer], method: str, p: float,
 
 
 @contextmanager
-def dropping(act_quantizers: Iterable[ActQuantizer], prob: float) -> Iterator[None]:
-    """QDrop: each activation element keeps its float value with probability `prob`."""
+def dropping(act_quantizers: Iterable[ActQuantizer], prob: float,
+             generator: torch.Generator | None = None) -> Iterator[None]:
+    """QDrop: each activation element keeps its float value with probability `prob` (drawn from
+    `generator`)."""
     quantizers = list(act_quantizers)
-    saved = [q.drop_prob for q in quantizers]
+    saved = [(q.drop_prob, q.drop_generator) for q in quantizers]
     try:
         for q in quantizers:
-            q.set_drop(prob)
+            q.set_drop(prob, generator)
         yield
     finally:
-        for q, prob_before in zip(quantizers, saved):
-            q.set_drop(prob_before)
+        for q, (prob_before, generator_before) in zip(quantizers, saved):
+            q.set_drop(prob_before, generator_before)
 
 
 @contextmanager

@@ -11,6 +11,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# Key prefixes of a unit's cache: its inputs in the quantized network, its inputs and outputs in
+# the float network, and the Fisher weights of its outputs.
+Q_IN = "q_in/"
+FP_IN = "fp_in/"
+FP_OUT = "fp_out/"
+GRAD = "grad/"
+
 
 class ActivationCache:
     """Named stacks of per-sample tensors ([N, ...]) with mini-batch access."""

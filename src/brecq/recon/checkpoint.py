@@ -1,18 +1,19 @@
 """Progress saved after every unit, so a killed run continues where it stopped.
 
 The checkpoint holds the quantized model's state, which units are done, the report so far and
-the random number generators' states: a resumed run takes exactly the steps the uninterrupted
-run would have taken from that point, and ends with the same parameters.
+the states of the run's own random number generators (never torch's global ones, which the run
+does not use): a resumed run takes exactly the steps the uninterrupted run would have taken
+from that point, and ends with the same parameters.
 
-With several ranks, rank 0 writes the file (with every rank's random number generator states)
-and every rank reads it on resume: the directory must be visible to all of them.
+With several ranks, rank 0 writes the file (with every rank's QDrop generator state) and every
+rank reads it on resume: the directory must be visible to all of them.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -22,13 +23,13 @@ from ..config import BrecqConfig
 from ..distributed import SINGLE_PROCESS, DistContext
 from ..errors import CheckpointError
 from ..fileio import atomic_torch_save, damage_of
+from ..graph.model import QuantizedModel
+from .report import QuantizationReport, UnitReport
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
-FORMAT_VERSION = 1
-# Where cached tensors live does not change any result, so it may differ on resume.
-_IGNORED_KEYS = ("cache_device", "dist_timeout")
+FORMAT_VERSION = 2
 
 
 def _fingerprint(data: Tensor, dist: DistContext) -> list[float]:
@@ -45,20 +46,25 @@ def _same_data(saved: list[float], current: list[float]) -> bool:
         math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9) for a, b in zip(saved, current))
 
 
-def _rng_states() -> dict:
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+@dataclass(frozen=True)
+class RunGenerators:
+    """The run's random streams: mini-batch indices (one stream, the same on every rank) and
+    QDrop's masks (on the compute device, one stream per rank so that ranks do not drop the
+    same elements)."""
 
+    batches: torch.Generator
+    drops: torch.Generator
 
-def _set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    @classmethod
+    def seeded(cls, seed: int, rank: int, device: torch.device) -> RunGenerators:
+        return cls(torch.Generator().manual_seed(seed),
+                   torch.Generator(device).manual_seed(seed + rank))
 
 
 def read_checkpoint(path: Path, config: BrecqConfig) -> dict:
-    """The checkpoint at `path`, checked to be intact and written by a run with `config`
-    (a concrete, resolved config); CheckpointError naming the problem otherwise."""
+    """The checkpoint at `path`, checked to be intact and written by a run with the scheme and
+    recipe of `config` (a concrete, resolved config; its runtime options may differ: they decide
+    where and how fast a run goes, not its result); CheckpointError naming the problem otherwise."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
@@ -73,11 +79,8 @@ def read_checkpoint(path: Path, config: BrecqConfig) -> dict:
             f"checkpoint {path} has format {version!r}, this version reads {FORMAT_VERSION}: "
             "start again without --resume"
         )
-    saved, current = payload["config"], config.to_dict()
-    differing = sorted(
-        k for k in set(saved) | set(current)
-        if k not in _IGNORED_KEYS and saved.get(k) != current.get(k)
-    )
+    saved, current = payload["config"], config.result_settings()
+    differing = sorted(k for k in current if saved.get(k) != current[k])
     if differing:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing)
         raise CheckpointError(
@@ -110,13 +113,13 @@ class RunCheckpoint:
             return "pass a checkpoint directory (--out) to keep progress across failures"
         return f"finished units are saved in {self.path}; rerun with --resume {self.directory}"
 
-    def mark_done(self, phase, index, qmodel, report, generator) -> None:  # noqa: ANN001
+    def mark_done(self, phase: str, index: int, qmodel: QuantizedModel,
+                  report: QuantizationReport, generators: RunGenerators) -> None:
         self.done.append(f"{phase}:{index}")
         # Every rank takes part, even without a directory, so that no rank waits for the others.
-        rank_rng = self.dist.gather_objects(_rng_states()) if self.dist.distributed else None
+        drop_states = self.dist.gather_objects(generators.drops.get_state())
         if self.path is None or not self.dist.is_main:
             return
-        rng = _rng_states()
         payload = {
             "version": FORMAT_VERSION,
             "config": self.config.to_dict(),
@@ -124,16 +127,13 @@ class RunCheckpoint:
             "done": list(self.done),
             "state": {k: v.detach().cpu() for k, v in qmodel.state_dict().items()},
             "report_units": [asdict(u) for u in report.units],
-            "generator": generator.get_state(),
-            "torch_rng": rng["torch"],
-            "cuda_rng": rng["cuda"],
-            "rank_rng": rank_rng,
+            "generator": generators.batches.get_state(),
+            "drop_generators": drop_states,
         }
         atomic_torch_save(payload, self.path)
 
-    def restore(self, qmodel, report, generator) -> None:  # noqa: ANN001
-        from .pipeline import UnitReport
-
+    def restore(self, qmodel: QuantizedModel, report: QuantizationReport,
+                generators: RunGenerators) -> None:
         if self.path is None:
             raise CheckpointError("resuming needs the directory of the interrupted run")
         if not self.path.is_file():
@@ -148,14 +148,13 @@ class RunCheckpoint:
             )
         qmodel.load_state_dict(payload["state"])
         report.units = [UnitReport(**row) for row in payload["report_units"]]
-        generator.set_state(payload["generator"])
-        rank_rng = payload.get("rank_rng") or [
-            {"torch": payload["torch_rng"], "cuda": payload["cuda_rng"]}]
-        if len(rank_rng) != self.dist.world_size:
+        generators.batches.set_state(payload["generator"])
+        drop_states = payload["drop_generators"]
+        if len(drop_states) != self.dist.world_size:
             logger.warning(
                 "the checkpoint was written by %d rank(s), this run has %d: QDrop's random "
-                "masks will differ from an uninterrupted run", len(rank_rng), self.dist.world_size)
-        _set_rng_states(rank_rng[self.dist.rank % len(rank_rng)])
+                "masks will differ from an uninterrupted run", len(drop_states), self.dist.world_size)
+        generators.drops.set_state(drop_states[self.dist.rank % len(drop_states)])
         self.done = list(payload["done"])
         logger.info("resumed from %s: %d steps already done", self.path, len(self.done))
 

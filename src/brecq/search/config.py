@@ -11,11 +11,11 @@ import dataclasses
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import MAX_BITS, MIN_BITS, check_bits
+from ..config import MAX_BITS, MIN_BITS, check_bits, check_choices, flag_field
 from ..errors import ConfigError
 
 SENSITIVITY_ROUNDINGS = ("nearest", "adaround")
@@ -26,10 +26,6 @@ _BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib
                "gib": 2**30}
 _COUNT_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
-
-
-def _opt(flag: str, help_text: str, **extra: Any) -> dict[str, Any]:
-    return {"flag": flag, "help": help_text, **extra}
 
 
 @dataclass(frozen=True)
@@ -101,56 +97,46 @@ def parse_bitops_budget(text: str) -> Budget:
 class SearchConfig:
     """What the mixed-precision search measures and how it searches."""
 
-    size_budget: str = field(
-        default="3bit",
-        metadata=_opt("--size-budget", "weight size limit: mean bits (3bit, 2.5bit: the size of "
-                      "uniform bits with the first/last-layer rule) or bytes (0.1MB, 64KiB)",
-                      metavar="BUDGET"),
+    size_budget: str = flag_field(
+        "3bit", "--size-budget", "weight size limit: mean bits (3bit, 2.5bit: the size of "
+        "uniform bits with the first/last-layer rule) or bytes (0.1MB, 64KiB)",
+        metavar="BUDGET",
     )
-    bitops_budget: str | None = field(
-        default=None,
-        metadata=_opt("--bitops-budget", "optional BitOPs limit (weight bits x activation bits x"
-                      " MACs per image): 3bit (that of uniform 3-bit weights) or a count (2.5G)",
-                      metavar="BUDGET"),
+    bitops_budget: str | None = flag_field(
+        None, "--bitops-budget", "optional BitOPs limit (weight bits x activation bits x"
+        " MACs per image): 3bit (that of uniform 3-bit weights) or a count (2.5G)",
+        metavar="BUDGET",
     )
-    candidates: tuple[int, ...] = field(
-        default=(2, 3, 4, 8),
-        metadata=_opt("--candidates", "candidate weight bit widths of each layer"),
+    candidates: tuple[int, ...] = flag_field(
+        (2, 3, 4, 8), "--candidates", "candidate weight bit widths of each layer",
     )
-    search_first_last: bool = field(
-        default=True,
-        metadata=_opt("--search-first-last", "let the search choose the first/last layers' bits too"
-                      " (else they keep --first-last-bits)"),
+    search_first_last: bool = flag_field(
+        True, "--search-first-last", "let the search choose the first/last layers' bits too"
+        " (else they keep --first-last-bits)",
     )
-    max_combinations: int = field(
-        default=64,
-        metadata=_opt("--max-combinations", "candidate assignments measured per unit; above it"
-                      " only assignments whose layers are at most one candidate apart"),
+    max_combinations: int = flag_field(
+        64, "--max-combinations", "candidate assignments measured per unit; above it"
+        " only assignments whose layers are at most one candidate apart",
     )
-    rounding: str = field(
-        default="nearest",
-        metadata=_opt("--sensitivity-rounding", "rounding before measuring a unit's error: nearest"
-                      " (after the Lp scale search) or a short adaround", choices=SENSITIVITY_ROUNDINGS),
+    rounding: str = flag_field(
+        "nearest", "--sensitivity-rounding", "rounding before measuring a unit's error: nearest"
+        " (after the Lp scale search) or a short adaround", choices=SENSITIVITY_ROUNDINGS,
     )
-    rounding_iters: int = field(
-        default=100,
-        metadata=_opt("--sensitivity-iters", "AdaRound iterations per candidate (adaround only)"),
+    rounding_iters: int = flag_field(
+        100, "--sensitivity-iters", "AdaRound iterations per candidate (adaround only)",
     )
-    metric: str = field(
-        default="fisher",
-        metadata=_opt("--sensitivity-metric", "fisher: output error weighted by the squared"
-                      " gradient of the loss (comparable across units); mse: plain output error",
-                      choices=SENSITIVITY_METRICS),
+    metric: str = flag_field(
+        "fisher", "--sensitivity-metric", "fisher: output error weighted by the squared"
+        " gradient of the loss (comparable across units); mse: plain output error",
+        choices=SENSITIVITY_METRICS,
     )
-    samples: int = field(
-        default=512,
-        metadata=_opt("--sensitivity-samples", "calibration samples used to measure sensitivity"),
+    samples: int = flag_field(
+        512, "--sensitivity-samples", "calibration samples used to measure sensitivity",
     )
-    population: int = field(default=64, metadata=_opt("--population", "GA population size"))
-    generations: int = field(default=150, metadata=_opt("--generations", "GA generations"))
-    mutation: float | None = field(
-        default=None,
-        metadata=_opt("--mutation", "GA per-gene mutation probability; none: 1 / units"),
+    population: int = flag_field(64, "--population", "GA population size")
+    generations: int = flag_field(150, "--generations", "GA generations")
+    mutation: float | None = flag_field(
+        None, "--mutation", "GA per-gene mutation probability; none: 1 / units",
     )
 
     def __post_init__(self) -> None:
@@ -162,10 +148,7 @@ class SearchConfig:
         for bits in self.candidates:
             check_bits(bits, "candidate bits")
         object.__setattr__(self, "candidates", tuple(sorted(set(self.candidates))))
-        for name, allowed in (("rounding", SENSITIVITY_ROUNDINGS), ("metric", SENSITIVITY_METRICS)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is unknown: choose one of "
-                                  f"{', '.join(allowed)}")
+        check_choices(self)
         for name, low in (("max_combinations", 1), ("rounding_iters", 0), ("samples", 1),
                           ("population", 2), ("generations", 0)):
             value = getattr(self, name)

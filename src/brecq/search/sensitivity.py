@@ -35,14 +35,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import DEFAULT_ROUND_LAMBDA, DEFAULT_WEIGHT_LR, BrecqConfig
+from ..config import BrecqConfig
 from ..errors import ConfigError
 from ..fileio import atomic_write_text
-from ..graph.prepare import QuantizedModel, Unit, _weight_quantizer, prepare
+from ..graph.layers import calibrated_weight_quantizer
+from ..graph.model import QuantizedModel, Unit, weight_label
+from ..graph.prepare import prepare
+from ..hashing import hash_tensor
+from ..methods import BRECQ, WEIGHTS
 from ..quant.quantizers import WeightQuantizer
-from ..recon.cache import ActivationCache
-from ..recon.pipeline import CAPTURE_BATCH, CachePlacement, capture, resolve_device
-from ..recon.reconstruct import FP_OUT, Q_IN, Schedule, optimize_unit
+from ..recon.cache import FP_OUT, Q_IN, ActivationCache
+from ..recon.capture import CAPTURE_BATCH, as_tuple, capture, output_gradients
+from ..recon.reconstruct import optimize_unit
+from ..recon.step import Schedule
+from ..runtime import CachePlacement, resolve_device
 from .config import SearchConfig
 
 logger = logging.getLogger(__name__)
@@ -50,11 +56,6 @@ logger = logging.getLogger(__name__)
 FISHER = "fisher/"
 TABLE_VERSION = 1
 
-# Config fields that do not change the measured table (reconstruction of the final run, where
-# things run, the bits the search replaces anyway).
-_IRRELEVANT_FIELDS = {"device", "cache_device", "iters_w", "iters_a", "method", "act_lr",
-                      "drop_prob", "act_loss_p", "act_init_samples", "calib_size", "loss",
-                      "weight_bits", "act_layer_bits"}
 _SEARCH_ONLY_FIELDS = {"size_budget", "bitops_budget", "population", "generations", "mutation"}
 
 
@@ -131,22 +132,21 @@ def load_table(path: Path, fingerprint: str) -> SensitivityTable | None:
 # ------------------------------------------------------------------------------ fingerprint
 
 
-def _hash_tensor(h: Any, tensor: Tensor) -> None:
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    h.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
-    h.update(flat.view(torch.uint8).numpy().tobytes())
-
-
 def fingerprint(model: nn.Module, samples: Tensor, config: BrecqConfig,
                 search: SearchConfig) -> str:
-    """Hash of what the table depends on: weights, samples, and the relevant settings."""
+    """Hash of what the table depends on: weights, samples, the quantization scheme, the units and
+    seed, the probe's schedule and the measuring settings of the search. The runtime options and
+    the rest of the recipe (the final run's method, iterations, calibration size) do not enter."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
-        _hash_tensor(h, tensor)
-    _hash_tensor(h, samples)
+        hash_tensor(h, tensor)
+    hash_tensor(h, samples)
     settings = {
-        "config": {k: v for k, v in config.to_dict().items() if k not in _IRRELEVANT_FIELDS},
+        "scheme": dataclasses.asdict(config.scheme),
+        "units": [config.granularity, config.unit_names],
+        "seed": config.seed,
+        "probe": dataclasses.asdict(probe_schedule(config, search)),
         "search": {k: v for k, v in search.to_dict().items() if k not in _SEARCH_ONLY_FIELDS},
     }
     h.update(json.dumps(settings, sort_keys=True).encode())
@@ -217,52 +217,34 @@ def candidate_assignments(layers: Sequence[str], infos: dict[str, LayerInfo],
 # ------------------------------------------------------------------------------ measuring
 
 
-def _quantizer_slots(layer: nn.Module) -> list[str]:
-    """Attribute names of a layer's weight quantizers, in `weight_quantizers()` order."""
-    by_id = {id(child): name for name, child in layer.named_children()
-             if isinstance(child, WeightQuantizer)}
-    return [by_id[id(q)] for _, _, q in layer.weight_quantizers()]
-
-
 class _QuantizerBank:
     """Weight quantizers calibrated once per (layer, bits), swapped into the layers on demand."""
 
     def __init__(self, qmodel: QuantizedModel, config: BrecqConfig) -> None:
         self.qmodel, self.config = qmodel, config
-        self._made: dict[tuple[str, int], list[WeightQuantizer]] = {}
+        self._made: dict[tuple[str, int], dict[str, WeightQuantizer]] = {}
 
-    def get(self, name: str, bits: int) -> list[WeightQuantizer]:
+    def get(self, name: str, bits: int) -> dict[str, WeightQuantizer]:
+        """Quantizers of `bits` for the weights of layer `name`, by weight quantizer name."""
         key = (name, bits)
         if key not in self._made:
-            self._made[key] = [_weight_quantizer(self.config, bits, w)
-                               for _, w, _ in self.qmodel.layers[name].weight_quantizers()]
+            self._made[key] = {
+                weight_label(name, weight_name): calibrated_weight_quantizer(self.config, bits, w)
+                for weight_name, w, _ in self.qmodel.layers[name].weight_quantizers()
+            }
         return self._made[key]
 
     @contextmanager
     def assigned(self, layers: Sequence[str], bits: Sequence[int], fresh: bool = False
                  ) -> Iterator[list[tuple[WeightQuantizer, Tensor]]]:
         """Layers use quantizers of the given bits inside (copies when `fresh`); restored after."""
-        saved = []
-        pairs = []
-        try:
-            for name, b in zip(layers, bits):
-                layer = self.qmodel.layers[name]
-                quantizers = self.get(name, b)
-                if fresh:
-                    quantizers = [copy.deepcopy(q) for q in quantizers]
-                weights = [w for _, w, _ in layer.weight_quantizers()]
-                for slot, q, w in zip(_quantizer_slots(layer), quantizers, weights):
-                    saved.append((layer, slot, getattr(layer, slot)))
-                    setattr(layer, slot, q)
-                    pairs.append((q, w.detach()))
-            yield pairs
-        finally:
-            for layer, slot, original in reversed(saved):
-                setattr(layer, slot, original)
-
-
-def _as_tuple(out: Any) -> tuple[Tensor, ...]:
-    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        chosen = {
+            label: copy.deepcopy(q) if fresh else q
+            for name, b in zip(layers, bits) for label, q in self.get(name, b).items()
+        }
+        with self.qmodel.weight_quantizers_swapped(chosen):
+            yield [(q, w.detach()) for name in layers
+                   for _, w, q in self.qmodel.layers[name].weight_quantizers()]
 
 
 @torch.no_grad()
@@ -276,7 +258,7 @@ def unit_error(unit: nn.Module, cache: ActivationCache, fisher: bool,
     total = 0.0
     for start in range(0, count, batch_size):
         index = torch.arange(start, min(count, start + batch_size))
-        outs = _as_tuple(unit(*[cache.batch(k, index) for k in inputs]))
+        outs = as_tuple(unit(*[cache.batch(k, index) for k in inputs]))
         for k, out in enumerate(outs):
             err = (out.float() - cache.batch(targets[k], index).float()).pow(2)
             if fisher:
@@ -288,32 +270,18 @@ def unit_error(unit: nn.Module, cache: ActivationCache, fisher: bool,
 def _capture_fisher(qmodel: QuantizedModel, unit: Unit, data: Tensor, labels: Tensor,
                     device: torch.device, cache: ActivationCache) -> None:
     """Squared gradients of the float model's cross-entropy (sampled labels) at the unit output."""
-    outputs: list[Tensor] = []
 
-    def hook(module, args, output):  # noqa: ANN001
-        outs = _as_tuple(output)
-        leaves = [o.detach().requires_grad_(True) for o in outs]
-        outputs.extend(leaves)
-        return type(output)(leaves) if isinstance(output, (tuple, list)) else leaves[0]
+    def cross_entropy(logits: Any, start: int) -> Tensor:
+        if not isinstance(logits, Tensor) or logits.dim() != 2:
+            raise ConfigError("the fisher sensitivity needs a model that returns a "
+                              "[batch, classes] logits tensor: use --sensitivity-metric mse")
+        y = labels[start : start + logits.shape[0]].to(device)
+        return F.cross_entropy(logits.float(), y, reduction="sum")
 
-    handle = unit.module.register_forward_hook(hook)
-    try:
-        with torch.enable_grad(), qmodel.quantization(weights=False, acts=False):
-            for start in range(0, data.shape[0], CAPTURE_BATCH):
-                outputs.clear()
-                x = data[start : start + CAPTURE_BATCH].to(device)
-                y = labels[start : start + CAPTURE_BATCH].to(device)
-                logits = qmodel(x)
-                if not isinstance(logits, Tensor) or logits.dim() != 2:
-                    raise ConfigError("the fisher sensitivity needs a model that returns a "
-                                      "[batch, classes] logits tensor: use --sensitivity-metric mse")
-                loss = F.cross_entropy(logits.float(), y, reduction="sum")
-                grads = torch.autograd.grad(loss, outputs, allow_unused=True)
-                for k, (g, o) in enumerate(zip(grads, outputs)):
-                    g = torch.zeros_like(o) if g is None else g
-                    cache.append(f"{FISHER}{k}", g.detach().pow(2))
-    finally:
-        handle.remove()
+    for grads in output_gradients(qmodel, unit, data, device, cross_entropy, weights=False,
+                                  acts=False):
+        for k, g in enumerate(grads):
+            cache.append(f"{FISHER}{k}", g.pow(2))
     cache.finish()
 
 
@@ -325,6 +293,14 @@ def _sampled_labels(qmodel: QuantizedModel, data: Tensor, device: torch.device,
         logits = torch.cat([qmodel(data[s : s + CAPTURE_BATCH].to(device)).float().cpu()
                             for s in range(0, data.shape[0], CAPTURE_BATCH)])
     return torch.multinomial(logits.softmax(dim=1), 1, generator=generator).squeeze(1)
+
+
+def probe_schedule(config: BrecqConfig, search: SearchConfig) -> Schedule:
+    """The short AdaRound of `rounding=adaround`: BRECQ's rounding pass with the plain defaults
+    unless given, so that it compares bit widths the same way whatever method the final run uses
+    (it learns no step sizes: their learning rate stays the default)."""
+    probe = config.replace(method=BRECQ.name, act_lr=None).resolved()
+    return Schedule.for_phase(probe.recipe, WEIGHTS, iters=search.rounding_iters)
 
 
 def _measure_unit(qmodel: QuantizedModel, unit: Unit, bank: _QuantizerBank,
@@ -339,16 +315,7 @@ def _measure_unit(qmodel: QuantizedModel, unit: Unit, bank: _QuantizerBank,
                 outputs_key=FP_OUT)
         if labels is not None:
             _capture_fisher(qmodel, unit, data, labels, device, cache)
-        # The plain rounding defaults unless given: the probe compares bit widths, the same way
-        # whatever method the final run uses.
-        schedule = Schedule(
-            iters=search.rounding_iters, batch_size=config.batch_size,
-            weight_lr=config.weight_lr if config.weight_lr is not None else DEFAULT_WEIGHT_LR,
-            act_lr=config.effective_act_lr,
-            round_lambda=config.round_lambda if config.round_lambda is not None else DEFAULT_ROUND_LAMBDA,
-            beta_start=config.beta_start, beta_end=config.beta_end, warmup=config.warmup,
-            loss_p=2.0, drop_prob=0.0,
-        )
+        schedule = probe_schedule(config, search)
         fisher = labels is not None
         with qmodel.quantization(weights=True, acts=False):
             for bits in assignments:
