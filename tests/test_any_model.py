@@ -180,12 +180,32 @@ def test_multihead_attention_with_separate_kv_sizes_is_named_in_the_error():
         prepare(Attn(), BrecqConfig(), (x,))
 
 
-def test_transposed_convolution_is_named_not_skipped_and_can_be_allowed():
+def test_transposed_convolutions_are_quantized_traced_or_not_and_can_be_kept_in_float():
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn0 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            self.up, self.bn = nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), nn.BatchNorm2d(6)
+
+        def forward(self, x):
+            if x.sum() > -1e30:
+                x = torch.relu(self.bn0(self.conv(x)))
+            return self.bn(self.up(x))
+
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.ConvTranspose2d(4, 3, 3))
     x = torch.randn(2, 3, 8, 8)
-    with pytest.raises(ModelError, match=r"2 \(ConvTranspose2d\): transposed convolutions"):
-        prepare(model, BrecqConfig(), (x,))
+    config = BrecqConfig(weight_bits=8, act_bits=8, scale_search="minmax")
+    qmodel = prepare(model, config, (x,))
+    assert qmodel.traced and set(qmodel.layers) == {"0", "2"}
     assert set(prepare(model, BrecqConfig(float_layers=("2",)), (x,)).layers) == {"0"}
+    untraceable = _trained_like_batchnorms(Untraceable())
+    tree = prepare(untraceable, config, (x,))
+    assert not tree.traced and set(tree.layers) == {"conv", "up"}
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in tree.network.modules())  # folded
+    assert _float_output_equal(tree, untraceable, x)
+    with torch.no_grad(), tree.quantization(weights=True, acts=False):
+        ref, out = untraceable(x), tree(x)
+    assert ((out - ref).norm() / ref.norm()).item() < 0.02
 
 
 def test_float_layers_round_trips_json():

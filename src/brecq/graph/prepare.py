@@ -152,8 +152,6 @@ def _called_weight_layers(model: nn.Module, example_inputs: tuple) -> list[str]:
 def _float_reason(name: str, module: nn.Module, qmodel: QuantizedModel, read_directly: bool) -> str:
     if isinstance(module, nn.MultiheadAttention) and not module._qkv_same_embed_dim:
         return "MultiheadAttention with key/value sizes unlike the query is not supported"
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return "transposed convolutions are not supported"
     if read_directly:
         return ("the model's code reads its weight directly (e.g. F.linear(x, self.fc.weight)) "
                 "and also calls the layer, or outside the traced graph")

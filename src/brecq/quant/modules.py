@@ -1,6 +1,6 @@
 """Quantized stand-ins for weight layers and the activation quantization point.
 
-`QuantLayer` wraps an existing Conv1d/2d/3d or Linear and keeps its float weight untouched: the
+`QuantLayer` wraps an existing Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear and keeps its float weight untouched: the
 quantized weight is computed from it on the fly, so the float model is always recoverable by
 disabling the quantizer. `QuantMultiheadAttention` does the same for the two projection weights
 of `nn.MultiheadAttention`.
@@ -18,8 +18,17 @@ from torch.func import functional_call
 
 from .quantizers import ActQuantizer, BiasQuantizer, WeightQuantizer
 
-QUANTIZABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+QUANTIZABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *TRANSPOSED_CONVS)
 _PLAIN_FORWARDS = {cls.forward for cls in QUANTIZABLE_LAYERS}
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def weight_layout(layer: nn.Module) -> dict[str, int]:
+    """Where `layer`'s weight keeps its output channels, as `WeightQuantizer` arguments."""
+    if isinstance(layer, TRANSPOSED_CONVS):
+        return {"channel_axis": 1, "groups": layer.groups}
+    return {"channel_axis": 0, "groups": 1}
 
 
 class QuantizedWeights(nn.Module):
@@ -45,7 +54,7 @@ class QuantizedWeights(nn.Module):
 
 
 class QuantLayer(QuantizedWeights):
-    """A Conv or Linear layer whose weight passes through a `WeightQuantizer`."""
+    """A Conv, ConvTranspose or Linear layer whose weight passes through a `WeightQuantizer`."""
 
     quantizer_attributes: ClassVar[dict[str, str]] = {"weight": "weight_quantizer"}
 
@@ -76,27 +85,41 @@ class QuantLayer(QuantizedWeights):
     def weight_quantizers(self) -> Iterator[tuple[str, nn.Parameter, WeightQuantizer]]:
         yield "weight", self.layer.weight, self.weight_quantizer
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        """`output_size`: as a transposed convolution takes it (other layers take none)."""
         weight = self.weight_quantizer(self.layer.weight)
         bias = self.layer.bias
         if self.bias_quantizer is not None:
             bias = self.bias_quantizer(bias, self.weight_quantizer)
+        args = (x,) if output_size is None else (x, output_size)
         if self.custom_forward:
             replaced = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
             if torch.jit.is_tracing():  # ONNX export: the stateless API refuses jit tracing
-                return _call_with_tensors(self.layer, replaced, x)
-            return functional_call(self.layer, replaced, (x,))
+                return _call_with_tensors(self.layer, replaced, args)
+            return functional_call(self.layer, replaced, args)
         if isinstance(self.layer, nn.Linear):
             return F.linear(x, weight, bias)
+        if isinstance(self.layer, TRANSPOSED_CONVS):
+            return _conv_transpose(self.layer, x, weight, bias, output_size)
         return self.layer._conv_forward(x, weight, bias)
 
 
-def _call_with_tensors(layer: nn.Module, tensors: dict[str, Tensor], x: Tensor) -> Tensor:
+def _conv_transpose(layer: nn.modules.conv._ConvTransposeNd, x: Tensor, weight: Tensor,
+                    bias: Tensor | None, output_size: list[int] | None) -> Tensor:
+    """What `layer`'s own forward computes, with the given weight and bias."""
+    dims = len(layer.kernel_size)
+    output_padding = layer._output_padding(
+        x, output_size, layer.stride, layer.padding, layer.kernel_size, dims, layer.dilation)
+    return _CONV_TRANSPOSE[dims](x, weight, bias, layer.stride, layer.padding, output_padding,
+                                 layer.groups, layer.dilation)
+
+
+def _call_with_tensors(layer: nn.Module, tensors: dict[str, Tensor], args: tuple) -> Tensor:
     """Run `layer` with some of its parameters replaced by the given tensors for this call."""
     saved = {name: layer._parameters[name] for name in tensors}
     try:
         layer._parameters.update(tensors)
-        return layer(x)
+        return layer(*args)
     finally:
         layer._parameters.update(saved)
 
