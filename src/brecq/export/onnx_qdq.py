@@ -2,9 +2,10 @@
 
 Weights become integer initializers followed by a DequantizeLinear (per output channel: axis 0,
 axis 1 for a transposed convolution; or per tensor). A grouped transposed convolution's weight
-(output channels along two axes) stays a float constant of exactly its dequantized values. Weights of fewer than 8 bits are stored as int8 codes on their own grid (affine
-codes minus their zero point, zero point 0), which onnxruntime runs in its u8s8 integer kernels
-at int8 speed with low-bit accuracy; with `opset >= 21`, weights of at most 4 bits are stored as
+(output channels along two axes) stays a float constant of exactly its dequantized values.
+Weights of fewer than 8 bits are stored as int8 codes on their own grid (affine codes minus
+their zero point, zero point 0), which onnxruntime runs in its u8s8 integer kernels at int8
+speed with low-bit accuracy; with `opset >= 21`, weights of at most 4 bits are stored as
 int4/uint4 instead (smaller files). Learned (AdaRound) rounding is exported through its integer
 codes, so the graph dequantizes exactly the weights PyTorch uses.
 

@@ -16,13 +16,13 @@ from ..quant.modules import (
     QuantizedWeights,
     QuantLayer,
     QuantMultiheadAttention,
+    projection_weights,
     weight_layout,
 )
 from ..quant.quantizers import ActQuantizer, WeightQuantizer
 from .placement import BACKEND_NONE
 
-# Modules with weights: the quantizable ones and those prepare must name as not supported
-# rather than leave in float silently.
+# Modules whose weights are quantized.
 WEIGHT_LAYERS = (*QUANTIZABLE_LAYERS, nn.MultiheadAttention)
 
 
@@ -53,9 +53,7 @@ def is_float_layer(name: str, config: BrecqConfig) -> bool:
 
 
 def is_quantizable(module: nn.Module) -> bool:
-    if isinstance(module, nn.MultiheadAttention):
-        return module._qkv_same_embed_dim
-    return isinstance(module, QUANTIZABLE_LAYERS)
+    return isinstance(module, WEIGHT_LAYERS)
 
 
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -153,11 +151,9 @@ class LayerBits:
         """`module` (the layer `name`) with its weights quantized at their bits."""
         config, bits = self.config, self.weight_bits(name)
         if isinstance(module, nn.MultiheadAttention):
-            return QuantMultiheadAttention(
-                module,
-                calibrated_weight_quantizer(config, bits, module.in_proj_weight),
-                calibrated_weight_quantizer(config, bits, module.out_proj.weight),
-            )
+            return QuantMultiheadAttention(module, {
+                name: calibrated_weight_quantizer(config, bits, module.get_parameter(name))
+                for name in projection_weights(module)})
         return QuantLayer(module, calibrated_weight_quantizer(config, bits, module.weight,
                                                               **weight_layout(module)))
 

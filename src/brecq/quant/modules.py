@@ -1,9 +1,9 @@
 """Quantized stand-ins for weight layers and the activation quantization point.
 
-`QuantLayer` wraps an existing Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear and keeps its float weight untouched: the
-quantized weight is computed from it on the fly, so the float model is always recoverable by
-disabling the quantizer. `QuantMultiheadAttention` does the same for the two projection weights
-of `nn.MultiheadAttention`.
+`QuantLayer` wraps an existing Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear and keeps its float
+weight untouched: the quantized weight is computed from it on the fly, so the float model is
+always recoverable by disabling the quantizer. `QuantMultiheadAttention` does the same for the
+projection weights of `nn.MultiheadAttention`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,13 @@ def weight_layout(layer: nn.Module) -> dict[str, int]:
     if isinstance(layer, TRANSPOSED_CONVS):
         return {"channel_axis": 1, "groups": layer.groups}
     return {"channel_axis": 0, "groups": 1}
+
+
+def projection_weights(attention: nn.MultiheadAttention) -> tuple[str, ...]:
+    """Names of the projection weights of `attention` (relative to it)."""
+    if attention._qkv_same_embed_dim:
+        return ("in_proj_weight", "out_proj.weight")
+    return ("q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj.weight")
 
 
 class QuantizedWeights(nn.Module):
@@ -125,25 +132,38 @@ def _call_with_tensors(layer: nn.Module, tensors: dict[str, Tensor], args: tuple
 
 
 class QuantMultiheadAttention(QuantizedWeights):
-    """`nn.MultiheadAttention` with quantized input and output projection weights."""
+    """`nn.MultiheadAttention` with quantized projection weights: the packed input projection
+    (or, with key/value sizes unlike the query's, the separate q/k/v projections) and the
+    output projection. `quantizers` maps each name of `projection_weights(attention)` to its
+    quantizer."""
 
-    quantizer_attributes: ClassVar[dict[str, str]] = {
-        "in_proj_weight": "in_proj_quantizer", "out_proj.weight": "out_proj_quantizer"}
+    # The quantizer attribute of each projection weight.
+    _ATTRIBUTES: ClassVar[dict[str, str]] = {
+        "in_proj_weight": "in_proj_quantizer", "q_proj_weight": "q_proj_quantizer",
+        "k_proj_weight": "k_proj_quantizer", "v_proj_weight": "v_proj_quantizer",
+        "out_proj.weight": "out_proj_quantizer"}
 
-    def __init__(
-        self, attention: nn.MultiheadAttention, in_quantizer: WeightQuantizer,
-        out_quantizer: WeightQuantizer,
-    ) -> None:
+    def __init__(self, attention: nn.MultiheadAttention,
+                 quantizers: dict[str, WeightQuantizer]) -> None:
         super().__init__()
-        if not attention._qkv_same_embed_dim:
-            raise TypeError("MultiheadAttention with separate q/k/v dimensions is not supported")
+        names = projection_weights(attention)
+        if set(quantizers) != set(names):
+            raise ValueError(f"expected quantizers for {', '.join(names)}, got "
+                             f"{', '.join(quantizers)}")
         self.attention = attention
-        self.in_proj_quantizer = in_quantizer
-        self.out_proj_quantizer = out_quantizer
+        self.quantizer_attributes = {name: self._ATTRIBUTES[name] for name in names}
+        for name in names:
+            setattr(self, self._ATTRIBUTES[name], quantizers[name])
 
     def weight_quantizers(self) -> Iterator[tuple[str, nn.Parameter, WeightQuantizer]]:
-        yield "in_proj_weight", self.attention.in_proj_weight, self.in_proj_quantizer
-        yield "out_proj.weight", self.attention.out_proj.weight, self.out_proj_quantizer
+        for name, attribute in self.quantizer_attributes.items():
+            yield name, self.attention.get_parameter(name), getattr(self, attribute)
+
+    def _quantized(self, name: str) -> Tensor | None:
+        if name not in self.quantizer_attributes:
+            return None
+        weight = self.attention.get_parameter(name)
+        return getattr(self, self.quantizer_attributes[name])(weight)
 
     def forward(
         self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
@@ -155,11 +175,15 @@ class QuantMultiheadAttention(QuantizedWeights):
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         out, weights = F.multi_head_attention_forward(
             query, key, value, attn.embed_dim, attn.num_heads,
-            self.in_proj_quantizer(attn.in_proj_weight), attn.in_proj_bias,
+            self._quantized("in_proj_weight"), attn.in_proj_bias,
             attn.bias_k, attn.bias_v, attn.add_zero_attn, attn.dropout,
-            self.out_proj_quantizer(attn.out_proj.weight), attn.out_proj.bias,
+            self._quantized("out_proj.weight"), attn.out_proj.bias,
             training=self.training, key_padding_mask=key_padding_mask,
             need_weights=need_weights, attn_mask=attn_mask,
+            use_separate_proj_weight=not attn._qkv_same_embed_dim,
+            q_proj_weight=self._quantized("q_proj_weight"),
+            k_proj_weight=self._quantized("k_proj_weight"),
+            v_proj_weight=self._quantized("v_proj_weight"),
             average_attn_weights=average_attn_weights, is_causal=is_causal,
         )
         if attn.batch_first:
