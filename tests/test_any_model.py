@@ -1,6 +1,7 @@
 """Any topology quantizes fully: untraceable submodules, library layer subclasses, functional
 batch norm, and a hard error (unless allowed) for a weight layer that would stay in float."""
 
+import importlib.util
 import logging
 
 import pytest
@@ -226,6 +227,15 @@ def test_multihead_attention_with_separate_kv_sizes_is_quantized(traced, tmp_pat
     save_quantized(qmodel, tmp_path, config=config, example_input=x[:2])
     with torch.no_grad():
         assert torch.equal(load_quantized(Attn().eval(), tmp_path)(x), out)
+    if traced and importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime
+
+        from brecq.export import export_onnx
+
+        path = export_onnx(qmodel.eval(), tmp_path / "m.onnx", x[:1])
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        exported = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+        assert (exported - out).abs().max() <= 1e-2 * out.abs().max()
 
 
 def test_transposed_convolutions_are_quantized_traced_or_not_and_can_be_kept_in_float():
