@@ -32,23 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
+import common
 from brecq import BrecqConfig, prepare, quantize
 from brecq.evaluate import evaluate
 from brecq.runtime import resolve_device
 from brecq.search import Problem, SearchConfig, Solution, measure_sensitivity
-from common import (
-    MODELS,
-    RESULTS,
-    Cifar10,
-    EvalData,
-    add_data_root_argument,
-    append_record,
-    csv_list,
-    load_records,
-    parse_seeds,
-    peak_rss_mb,
-    skip,
-)
 
 # Run name -> (uniform weight bits, size budget of the search or None for the uniform run).
 RUNS: dict[str, tuple[int, str | None]] = {
@@ -70,7 +58,7 @@ def search_dir(args: argparse.Namespace, entry: str) -> Path:
 
 def search_command(args: argparse.Namespace, budget: str) -> list[str]:
     """The `brecq search-bits` arguments this benchmark runs (also printed in the report)."""
-    return ["search-bits", "--model", MODELS[MODEL], "--weights", str(args.cifar.weights(MODEL)),
+    return ["search-bits", "--model", common.MODELS[MODEL], "--weights", str(args.cifar.weights(MODEL)),
             "--data", str(args.cifar.data_dir), "--size-budget", budget,
             "--calib-size", str(args.calib_size), "--seed", str(args.search_seed),
             "--device", args.device,
@@ -109,11 +97,11 @@ def run_all(args: argparse.Namespace, out_jsonl: Path) -> None:
     model, prep = args.cifar.build(MODEL)
     transform = prep.to_transform()
     device = resolve_device(args.device)
-    data = EvalData(args.cifar, transform, "val", None, args.calib_size, 0)
+    data = common.EvalData(args.cifar, transform, "val", None, args.calib_size, 0)
     for seed in args.seeds:
         calib = None
         for name in args.runs:
-            done = {run_key(r) for r in load_records(out_jsonl)}
+            done = {run_key(r) for r in common.load_records(out_jsonl)}
             rec: dict[str, Any] = {"run": name, "seed": seed, "iters_w": args.iters_w,
                                    "iters_a": args.iters_a}
             if run_key(rec) not in done:
@@ -123,7 +111,7 @@ def run_all(args: argparse.Namespace, out_jsonl: Path) -> None:
 
 
 def _run_one(args: argparse.Namespace, model: torch.nn.Module, calib: torch.Tensor,
-             data: EvalData, device: torch.device, rec: dict[str, Any], out_jsonl: Path) -> None:
+             data: common.EvalData, device: torch.device, rec: dict[str, Any], out_jsonl: Path) -> None:
     """One BRECQ run (uniform or searched bits), evaluated and appended to the results."""
     name, seed = rec["run"], rec["seed"]
     uniform_bits, budget = RUNS[name]
@@ -143,12 +131,12 @@ def _run_one(args: argparse.Namespace, model: torch.nn.Module, calib: torch.Tens
         eval_count=res["count"], weight_size_bits=size_bits, mean_weight_bits=mean_bits,
         layer_bits={n: qmodel.layer_bits(n) for n in qmodel.layers},
         seconds=time.perf_counter() - started, recon_seconds=report.recon_seconds,
-        peak_rss_mb=peak_rss_mb(), device=report.device, host=platform.node(),
+        peak_rss_mb=common.peak_rss_mb(), device=report.device, host=platform.node(),
         torch_threads=torch.get_num_threads(), finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
         units=[{"name": u.name, "phase": u.phase, "loss_before": u.loss_before,
                 "loss_after": u.loss_after} for u in report.units],
     )
-    append_record(out_jsonl, rec)
+    common.append_record(out_jsonl, rec)
     log.info("RESULT %s: top-1 %.2f%% at %d weight bits (mean %.3f) in %.0fs", name,
              rec["top1"], size_bits, mean_bits, rec["seconds"])
     del qmodel
@@ -186,7 +174,7 @@ def check_ranking(args: argparse.Namespace) -> dict[str, Any]:
     model, prep = args.cifar.build(MODEL)
     transform = prep.to_transform()
     samples = args.cifar.calibration(transform, 512, args.search_seed)
-    x, y = EvalData(args.cifar, transform, "holdout", args.ranking_images, args.calib_size,
+    x, y = common.EvalData(args.cifar, transform, "holdout", args.ranking_images, args.calib_size,
                     args.ranking_images).get()
     config = BrecqConfig(device=args.device, seed=args.search_seed)
     problems = {}
@@ -232,7 +220,7 @@ def _by_run(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 
 def write_report(args: argparse.Namespace, out_jsonl: Path) -> None:
-    records = [r for r in load_records(out_jsonl)
+    records = [r for r in common.load_records(out_jsonl)
                if (r["iters_w"], r["iters_a"]) == (args.iters_w, args.iters_a)]
     if not records:
         print(f"no results in {out_jsonl} for iters {args.iters_w}/{args.iters_a}: nothing to report")
@@ -320,17 +308,17 @@ def write_plot(args: argparse.Namespace, groups: dict[str, list[dict[str, Any]]]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_data_root_argument(p)
+    common.add_data_root_argument(p)
     p.add_argument("--data", type=Path, default=None,
                    help="CIFAR-10 in ImageNet layout (train/<class>/, val/<class>/); default "
                         "<data root>/data/cifar10")
     p.add_argument("--weights-dir", type=Path, default=None,
                    help="folder with resnet20.pt; default <data root>/weights/cifar10")
-    p.add_argument("--runs", type=csv_list, default=list(RUNS),
+    p.add_argument("--runs", type=common.csv_list, default=list(RUNS),
                    help=f"comma list of {', '.join(RUNS)}")
     p.add_argument("--iters-w", type=int, default=1000, help="AdaRound iterations per unit")
     p.add_argument("--iters-a", type=int, default=200, help="activation step-size iterations")
-    p.add_argument("--seeds", type=parse_seeds, default=[0],
+    p.add_argument("--seeds", type=common.parse_seeds, default=[0],
                    help="comma list of run seeds (calibration draw and optimization)")
     p.add_argument("--search-seed", type=int, default=0,
                    help="seed of the search (its calibration draw and GA); one search for all runs")
@@ -338,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--name", default="mixed_precision", help="results name")
-    p.add_argument("--results-dir", type=Path, default=RESULTS)
+    p.add_argument("--results-dir", type=Path, default=common.RESULTS)
     p.add_argument("--check-ranking", action="store_true",
                    help="only check how well the sensitivity metrics rank random configurations"
                    " (held-out cross-entropy, nearest rounding); writes <name>_ranking.json")
@@ -360,10 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         write_report(args, out_jsonl)
         return 0
-    args.cifar = Cifar10.under(args.data_root, args.data, args.weights_dir)
+    args.cifar = common.Cifar10.under(args.data_root, args.data, args.weights_dir)
     missing = args.cifar.missing([MODEL])
     if missing:
-        return skip(missing)
+        return common.skip(missing)
     torch.set_num_threads(max(1, args.threads))
     if args.check_ranking:
         result = check_ranking(args)

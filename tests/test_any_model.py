@@ -1,6 +1,7 @@
 """Any topology quantizes fully: untraceable submodules, library layer subclasses, functional
 batch norm, and a hard error (unless allowed) for a weight layer that would stay in float."""
 
+import importlib.util
 import logging
 
 import pytest
@@ -8,7 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brecq import BrecqConfig, ConfigError, ModelError, prepare, quantize
+from brecq import (
+    BrecqConfig,
+    ConfigError,
+    ModelError,
+    load_quantized,
+    prepare,
+    quantize,
+    save_quantized,
+)
 from brecq.quant.modules import QuantLayer
 
 TINY = dict(iters_w=2, iters_a=2, calib_size=8, batch_size=4, act_init_samples=4, device="cpu",
@@ -164,28 +173,97 @@ def test_weights_read_by_functional_code_are_quantized_through_their_quantizer()
     assert set(qmodel.layers) == {"0"} and type(qmodel.network.get_submodule("1")) is nn.Conv2d
 
 
-def test_multihead_attention_with_separate_kv_sizes_is_named_in_the_error():
+def _call_opaquely(layer, x):
+    return layer(x)
+
+
+torch.fx.wrap("_call_opaquely")  # the graph holds one call of this function, not of the layer
+
+
+def test_a_layer_called_where_the_graph_does_not_show_it_is_named_not_skipped():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return _call_opaquely(self.fc, self.conv(x).mean((2, 3)))
+
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ModelError, match=r"fc \(Linear\): it is not called as a module"):
+        prepare(Net(), BrecqConfig(), (x,))
+    assert set(prepare(Net(), BrecqConfig(float_layers=("fc",)), (x,)).layers) == {"conv"}
+
+
+@pytest.mark.parametrize("traced", [True, False])
+def test_multihead_attention_with_separate_kv_sizes_is_quantized(traced, tmp_path):
     class Attn(nn.Module):
         def __init__(self):
             super().__init__()
-            self.proj = nn.Linear(8, 8)
-            self.attn = nn.MultiheadAttention(8, 2, kdim=4, vdim=4, batch_first=True)
+            self.proj, self.kv = nn.Linear(8, 8), nn.Linear(8, 4)
+            self.attn = nn.MultiheadAttention(8, 2, kdim=4, vdim=6, batch_first=True)
+            self.head = nn.Linear(8, 3)
 
         def forward(self, x):
-            kv = x[..., :4]
-            return self.attn(self.proj(x), kv, kv)[0]
+            kv = self.kv(x)
+            if not traced and x.sum() < -1e30:  # data-dependent: the module tree
+                kv = -kv
+            return self.head(self.attn(self.proj(x), kv, torch.cat([kv, kv[..., :2]], -1))[0])
 
-    x = torch.randn(2, 5, 8)
-    with pytest.raises(ModelError, match=r"attn \(MultiheadAttention\): MultiheadAttention with"):
-        prepare(Attn(), BrecqConfig(), (x,))
+    torch.manual_seed(0)
+    model = Attn().eval()
+    x = torch.randn(8, 5, 8)
+    config = BrecqConfig(weight_bits=8, act_bits=8, **{**TINY, "iters_w": 20})
+    qmodel, report = quantize(model, x, config)
+    assert qmodel.traced == traced
+    assert {"attn.q_proj_weight", "attn.k_proj_weight", "attn.v_proj_weight",
+            "attn.out_proj.weight"} <= set(qmodel.weight_quantizers)
+    assert all(q.learned for q in qmodel.weight_quantizers.values())
+    with torch.no_grad():
+        ref, out = model(x), qmodel(x)
+        assert ((out - ref).norm() / ref.norm()).item() < 0.05
+        with qmodel.quantization(weights=False, acts=False):
+            torch.testing.assert_close(qmodel(x), ref, atol=1e-5, rtol=1e-5)
+    save_quantized(qmodel, tmp_path, config=config, example_input=x[:2])
+    with torch.no_grad():
+        assert torch.equal(load_quantized(Attn().eval(), tmp_path)(x), out)
+    if traced and importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime
+
+        from brecq.export import export_onnx
+
+        path = export_onnx(qmodel.eval(), tmp_path / "m.onnx", x[:1])
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        exported = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+        assert (exported - out).abs().max() <= 1e-2 * out.abs().max()
 
 
-def test_transposed_convolution_is_named_not_skipped_and_can_be_allowed():
+def test_transposed_convolutions_are_quantized_traced_or_not_and_can_be_kept_in_float():
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn0 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            self.up, self.bn = nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), nn.BatchNorm2d(6)
+
+        def forward(self, x):
+            if x.sum() > -1e30:
+                x = torch.relu(self.bn0(self.conv(x)))
+            return self.bn(self.up(x))
+
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.ConvTranspose2d(4, 3, 3))
     x = torch.randn(2, 3, 8, 8)
-    with pytest.raises(ModelError, match=r"2 \(ConvTranspose2d\): transposed convolutions"):
-        prepare(model, BrecqConfig(), (x,))
+    config = BrecqConfig(weight_bits=8, act_bits=8, scale_search="minmax")
+    qmodel = prepare(model, config, (x,))
+    assert qmodel.traced and set(qmodel.layers) == {"0", "2"}
     assert set(prepare(model, BrecqConfig(float_layers=("2",)), (x,)).layers) == {"0"}
+    untraceable = _trained_like_batchnorms(Untraceable())
+    tree = prepare(untraceable, config, (x,))
+    assert not tree.traced and set(tree.layers) == {"conv", "up"}
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in tree.network.modules())  # folded
+    assert _float_output_equal(tree, untraceable, x)
+    with torch.no_grad(), tree.quantization(weights=True, acts=False):
+        ref, out = untraceable(x), tree(x)
+    assert ((out - ref).norm() / ref.norm()).item() < 0.02
 
 
 def test_float_layers_round_trips_json():
@@ -519,3 +597,83 @@ def test_partly_traced_models_save_and_load_to_the_same_outputs(tmp_path, model_
     loaded = load_quantized(model_class(), tmp_path)
     with torch.no_grad():
         assert torch.allclose(loaded(x), qmodel(x), atol=1e-6)
+
+
+# A module called several times in one forward pass.
+
+
+class _Reuse(nn.Module):
+    """One ReLU after every layer and one conv called on two different tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.relu = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()
+        self.shared, self.mid = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.relu(self.shared(self.relu(self.stem(x))))
+        y = self.relu(self.mid(y)) * 3  # the second call reads values of another range
+        return self.head(self.relu(self.shared(y)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("granularity", ["layer", "block"])
+def test_reused_modules_get_quantizers_per_call_and_one_weight_quantizer(granularity):
+    torch.manual_seed(0)
+    model = _Reuse().eval()
+    x = torch.randn(16, 3, 8, 8)
+    config = BrecqConfig(weight_bits=8, act_bits=8, granularity=granularity,
+                         **{**TINY, "iters_w": 5, "iters_a": 5})
+    qmodel, report = quantize(model, x, config)
+    assert qmodel.traced
+    # The ReLU's four calls: four quantizers, each calibrated on its own call's values.
+    relus = [qmodel.act_quantizers[k] for k in ("relu", "relu@2", "relu@3", "relu@4")]
+    assert len({id(q) for q in relus}) == 4
+    assert len({round(q.scale.item(), 6) for q in relus}) == 4
+    # The shared conv: one layer, one weight quantizer, a different input quantizer per call.
+    assert list(qmodel.weight_quantizers).count("shared") == 1
+    calls = [n for n in qmodel.network.graph.nodes if n.op == "call_module" and n.target == "shared"]
+    assert len(calls) == 2 and calls[0].args[0].target != calls[1].args[0].target
+    assert qmodel.layers["shared"].weight_quantizer.learned
+    # ... reconstructed once, in one unit that spans both calls.
+    holding = [u for u in qmodel.units if "shared" in u.layers]
+    assert len(holding) == 1 and holding[0].layers == ("shared", "mid")
+    assert len({u.name for u in qmodel.units}) == len(qmodel.units)
+    assert [u.name for u in report.units if u.phase == "weights"] == [u.name for u in qmodel.units]
+    with torch.no_grad():
+        ref, out = model(x), qmodel(x)
+    assert ((out - ref).norm() / ref.norm()).item() < 0.05
+
+
+@pytest.mark.parametrize("path", ["children", "module tree"])
+def test_calls_no_graph_tells_apart_are_named_in_a_warning(caplog, path):
+    class Root(nn.Module):
+        """Untraceable forward calling one traceable child twice (and, for the module tree, a
+        weight layer itself)."""
+
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 1)
+            self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+            self.head = nn.Linear(8, 2)
+            if path == "children":
+                self.stem, self.head = nn.Sequential(self.stem), nn.Sequential(self.head)
+
+        def forward(self, x):
+            y = self.stem(x)
+            if y.sum() > -1e30:
+                y = self.body(self.body(y) * 2)
+            return self.head(y.mean((2, 3)))
+
+    x = torch.randn(4, 3, 8, 8)
+    with caplog.at_level(logging.WARNING):
+        qmodel = prepare(Root().eval(), BrecqConfig(weight_bits=8, act_bits=8), (x,))
+    expected = ("its children are traced" if path == "children"
+                else "falling back to the module tree")
+    assert expected in caplog.text
+    assert "share the activation quantizers" in caplog.text and "body.0 (2 calls)" in caplog.text
+    assert "body.0" in qmodel.layers and len(qmodel.layers) == 3
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        prepare(_Reuse().eval(), BrecqConfig(weight_bits=8, act_bits=8), (x,))
+    assert "share the activation quantizers" not in caplog.text  # the graph tells calls apart

@@ -1,9 +1,11 @@
 """Export a quantized model as an ONNX QDQ graph (QuantizeLinear / DequantizeLinear pairs).
 
-Weights become integer initializers followed by a DequantizeLinear (per output channel, axis 0,
-or per tensor). Weights of fewer than 8 bits are stored as int8 codes on their own grid (affine
-codes minus their zero point, zero point 0), which onnxruntime runs in its u8s8 integer kernels
-at int8 speed with low-bit accuracy; with `opset >= 21`, weights of at most 4 bits are stored as
+Weights become integer initializers followed by a DequantizeLinear (per output channel: axis 0,
+axis 1 for a transposed convolution; or per tensor). A grouped transposed convolution's weight
+(output channels along two axes) stays a float constant of exactly its dequantized values.
+Weights of fewer than 8 bits are stored as int8 codes on their own grid (affine codes minus
+their zero point, zero point 0), which onnxruntime runs in its u8s8 integer kernels at int8
+speed with low-bit accuracy; with `opset >= 21`, weights of at most 4 bits are stored as
 int4/uint4 instead (smaller files). Learned (AdaRound) rounding is exported through its integer
 codes, so the graph dequantizes exactly the weights PyTorch uses.
 
@@ -106,6 +108,7 @@ class _WeightQDQ(nn.Module):
         super().__init__()
         self.qmin, self.qmax = quantizer.qmin, quantizer.qmax
         self.per_channel = quantizer.scale.dim() > 0 and quantizer.scale.numel() > 1
+        self.axis = quantizer.channel_axis if self.per_channel else None
         zero_point = quantizer.zero_point.detach().reshape(-1 if self.per_channel else ())
         if signed_codes and self.qmin >= 0 and quantizer.bits < 8:
             self.qmin, self.qmax = -128, 127
@@ -115,8 +118,8 @@ class _WeightQDQ(nn.Module):
         self.register_buffer("zero_point", zero_point.to(_storage_dtype(self.qmin)).clone())
 
     def forward(self, weight: Tensor) -> Tensor:
-        axis = 0 if self.per_channel else None
-        return _QDQ.apply(weight, self.scale, self.zero_point, self.qmin, self.qmax, axis, None)
+        return _QDQ.apply(weight, self.scale, self.zero_point, self.qmin, self.qmax, self.axis,
+                          None)
 
 
 class _ActQDQ(nn.Module):
@@ -199,6 +202,12 @@ def qdq_network(qmodel: QuantizedModel, *, int4_weights: bool = False) -> nn.Mod
         for _, weight, quantizer in list(owner.weight_quantizers()):
             codes = quantizer.int_weight(weight)
             weight.copy_((codes - quantizer.zero_point) * quantizer.scale)
+            if quantizer.channel_axis == 1 and quantizer.groups > 1 and quantizer.per_channel:
+                # A grouped transposed convolution's output channels lie along two weight
+                # dimensions, which no per-axis DequantizeLinear describes: the weight stays a
+                # float constant holding exactly the dequantized values.
+                _replace_child(owner, quantizer, nn.Identity())
+                continue
             signed = not (int4_weights and quantizer.bits <= 4)
             _replace_child(owner, quantizer, _WeightQDQ(quantizer, signed_codes=signed))
     for parent in list(net.modules()):

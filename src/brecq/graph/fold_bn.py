@@ -18,7 +18,8 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, *_TRANSPOSED)
 _FOLDABLE = (*_CONVS, nn.Linear)
 
 
@@ -39,7 +40,14 @@ def fold_statistics(layer: nn.Module, mean: torch.Tensor, var: torch.Tensor,
     beta = beta if beta is not None else torch.zeros_like(inv_std)
     factor = gamma * inv_std
     weight = layer.weight
-    weight.mul_(factor.reshape(-1, *([1] * (weight.dim() - 1))))
+    kernel_ones = [1] * (weight.dim() - 2)
+    if isinstance(layer, _TRANSPOSED):
+        # Weight [in, out / groups, *k]: output channel j of group g is column j of block g.
+        groups = layer.groups
+        blocks = weight.view(groups, weight.shape[0] // groups, *weight.shape[1:])
+        blocks.mul_(factor.reshape(groups, 1, -1, *kernel_ones))
+    else:
+        weight.mul_(factor.reshape(-1, 1, *kernel_ones))
     bias = layer.bias if layer.bias is not None else torch.zeros_like(mean)
     new_bias = (bias - mean) * factor + beta
     if layer.bias is None:

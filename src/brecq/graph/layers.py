@@ -16,13 +16,14 @@ from ..quant.modules import (
     QuantizedWeights,
     QuantLayer,
     QuantMultiheadAttention,
+    projection_weights,
+    weight_layout,
 )
 from ..quant.quantizers import ActQuantizer, WeightQuantizer
 from .placement import BACKEND_NONE
 
-# Modules with weights: the quantizable ones and those prepare must name as not supported
-# rather than leave in float silently.
-WEIGHT_LAYERS = (*QUANTIZABLE_LAYERS, nn.MultiheadAttention, nn.modules.conv._ConvTransposeNd)
+# Modules whose weights are quantized.
+WEIGHT_LAYERS = (*QUANTIZABLE_LAYERS, nn.MultiheadAttention)
 
 
 def check_names(requested: Iterable[str] | None, known: Collection[str], what: str,
@@ -52,9 +53,7 @@ def is_float_layer(name: str, config: BrecqConfig) -> bool:
 
 
 def is_quantizable(module: nn.Module) -> bool:
-    if isinstance(module, nn.MultiheadAttention):
-        return module._qkv_same_embed_dim
-    return isinstance(module, QUANTIZABLE_LAYERS)
+    return isinstance(module, WEIGHT_LAYERS)
 
 
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -62,14 +61,17 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, attr, module)
 
 
-def calibrated_weight_quantizer(config: BrecqConfig, bits: int, weight: Tensor) -> WeightQuantizer:
-    """A weight quantizer of `bits` as `config` describes it, its scale searched for `weight`."""
+def calibrated_weight_quantizer(config: BrecqConfig, bits: int, weight: Tensor,
+                                channel_axis: int = 0, groups: int = 1) -> WeightQuantizer:
+    """A weight quantizer of `bits` as `config` describes it, its scale searched for `weight`
+    (whose output channels `channel_axis` and `groups` locate, as `WeightQuantizer` takes them)."""
     # onnxruntime's fast integer kernels take int8 weights with zero point 0: 8-bit weights are
     # symmetric for it; narrower affine codes minus their zero point fit int8 at export anyway.
     symmetric = config.weight_symmetric or (config.backend != BACKEND_NONE and bits == 8)
     quantizer = WeightQuantizer(
         bits, symmetric=symmetric,
-        per_channel=config.weight_granularity == "channel",
+        per_channel=config.weight_granularity == "channel", channel_axis=channel_axis,
+        groups=groups,
     )
     quantizer.calibrate(weight.detach(), config.scale_search, config.lp_norm)
     return quantizer
@@ -149,12 +151,11 @@ class LayerBits:
         """`module` (the layer `name`) with its weights quantized at their bits."""
         config, bits = self.config, self.weight_bits(name)
         if isinstance(module, nn.MultiheadAttention):
-            return QuantMultiheadAttention(
-                module,
-                calibrated_weight_quantizer(config, bits, module.in_proj_weight),
-                calibrated_weight_quantizer(config, bits, module.out_proj.weight),
-            )
-        return QuantLayer(module, calibrated_weight_quantizer(config, bits, module.weight))
+            return QuantMultiheadAttention(module, {
+                name: calibrated_weight_quantizer(config, bits, module.get_parameter(name))
+                for name in projection_weights(module)})
+        return QuantLayer(module, calibrated_weight_quantizer(config, bits, module.weight,
+                                                              **weight_layout(module)))
 
     def quantize_at_input(self, root: nn.Module, name: str, layers: dict[str, QuantizedWeights],
                           act_quantizers: dict[str, ActQuantizer]) -> None:

@@ -130,15 +130,15 @@ def _prepare_by_children(
 # The "nothing left in float" check
 
 
-def _called_weight_layers(model: nn.Module, example_inputs: tuple) -> list[str]:
-    """Names of the weight layers one forward pass calls, in order."""
-    order: list[str] = []
+def _called_weight_layers(model: nn.Module, example_inputs: tuple) -> dict[str, int]:
+    """The weight layers one forward pass calls, in order of their first call, with how many
+    times each is called."""
+    calls: dict[str, int] = {}
     handles = []
     for name, module in model.named_modules():
         if name and isinstance(module, WEIGHT_LAYERS):
             def pre_hook(mod, args, name=name):  # noqa: ANN001
-                if name not in order:
-                    order.append(name)
+                calls[name] = calls.get(name, 0) + 1
             handles.append(module.register_forward_pre_hook(pre_hook))
     try:
         with torch.no_grad():
@@ -146,14 +146,33 @@ def _called_weight_layers(model: nn.Module, example_inputs: tuple) -> list[str]:
     finally:
         for handle in handles:
             handle.remove()
-    return order
+    return calls
+
+
+def _warn_shared_call_sites(qmodel: QuantizedModel, calls: dict[str, int]) -> None:
+    """Name the layers called more often than a graph tells their calls apart (inside a module
+    fx cannot trace, on the module tree, in a child the model's untraceable forward calls
+    several times): those calls share one set of activation quantizers."""
+    sites = dict.fromkeys(qmodel.layers, 0)
+    owners = {id(layer): name for name, layer in qmodel.layers.items()}
+    for gm in (m for m in qmodel.network.modules() if isinstance(m, torch.fx.GraphModule)):
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                module = gm.get_submodule(node.target)
+                # The layer itself, or the wrapper quantizing its input (`InputQuantized`).
+                name = owners.get(id(module), owners.get(id(getattr(module, "layer", None))))
+                if name is not None:
+                    sites[name] += 1
+    shared = [f"{name} ({calls[name]} calls)" for name in qmodel.layers
+              if calls.get(name, 0) > max(sites[name], 1)]
+    if shared:
+        logger.warning(
+            "%d layer(s) run several times per forward pass where no traced graph tells the "
+            "calls apart, so all calls share the activation quantizers calibrated on the first: "
+            "%s", len(shared), ", ".join(shared[:10]) + (" ..." if len(shared) > 10 else ""))
 
 
 def _float_reason(name: str, module: nn.Module, qmodel: QuantizedModel, read_directly: bool) -> str:
-    if isinstance(module, nn.MultiheadAttention) and not module._qkv_same_embed_dim:
-        return "MultiheadAttention with key/value sizes unlike the query is not supported"
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return "transposed convolutions are not supported"
     if read_directly:
         return ("the model's code reads its weight directly (e.g. F.linear(x, self.fc.weight)) "
                 "and also calls the layer, or outside the traced graph")
@@ -210,7 +229,8 @@ def prepare(
     if model_device is not None:
         example_inputs = tuple(x.to(model_device) if isinstance(x, Tensor) else x
                                for x in example_inputs)
-    called = _called_weight_layers(work, example_inputs)
+    calls = _called_weight_layers(work, example_inputs)
+    called = list(calls)
     modules = dict(work.named_modules())
     check_float_layers(config, modules)
     direct_reads: set[str] = set()
@@ -243,6 +263,7 @@ def prepare(
         qmodel = prepare_traced(traced, config, example_inputs, unit_predicate, leaves, called,
                                 modules)
     _check_all_quantized(modules, qmodel, called, direct_reads, config)
+    _warn_shared_call_sites(qmodel, calls)
     if len(example_inputs) == 1 and isinstance(example_inputs[0], Tensor):
         qmodel.example_input_shape = [1, *example_inputs[0].shape[1:]]
     return qmodel

@@ -81,10 +81,11 @@ class GraphIndex:
         return self.live[position + 1] == 1
 
     def layers_in(self, start: int, end: int) -> tuple[str, ...]:
-        return tuple(
+        """Weight layers called in nodes[start..end], each once (in order of first call)."""
+        return tuple(dict.fromkeys(
             name for i in self.layer_positions if start <= i <= end
             for name in self.inner_layers.get(self.nodes[i].target, (self.nodes[i].target,))
-        )
+        ))
 
     def cuttable_modules(self) -> dict[str, tuple[int, int]]:
         """Modules whose nodes are contiguous and start and end at single-tensor cut points."""
@@ -197,6 +198,24 @@ def _layer_units(index: GraphIndex) -> list[UnitPlan]:
     return units
 
 
+def _merge_shared_layers(index: GraphIndex, units: list[UnitPlan]) -> list[UnitPlan]:
+    """Join the units from the first to the last that call the same weight layer (a module
+    called several times) into one: its one weight quantizer learns its rounding once, against
+    every call, while each call keeps the activation quantizers of its own call site."""
+    merged: list[UnitPlan] = []
+    for unit in units:
+        shared = [k for k, earlier in enumerate(merged) if set(earlier.layers) & set(unit.layers)]
+        if not shared:
+            merged.append(unit)
+            continue
+        first = merged[shared[0]]
+        layers = index.layers_in(first.start, unit.end)
+        name, kind = ((layers[0], "layer") if len(layers) == 1
+                      else (f"{layers[0]}..{layers[-1]}", "block"))
+        merged[shared[0]:] = [UnitPlan(name, kind, first.start, unit.end, layers)]
+    return merged
+
+
 def plan_units(
     graph: fx.Graph,
     layer_targets: set[str],
@@ -210,6 +229,12 @@ def plan_units(
     `inner_layers` maps a module called as one node (not traced into) to the weight layers it holds.
     """
     index = GraphIndex(graph, layer_targets, inner_layers)
+    return _merge_shared_layers(index, _plan(index, granularity, unit_names, unit_predicate))
+
+
+def _plan(index: GraphIndex, granularity: str, unit_names: Sequence[str] | None,
+          unit_predicate: UnitPredicate | None) -> list[UnitPlan]:
+    """The units of `index` as the granularity or the named modules choose them."""
     if not index.layer_positions:
         raise ConfigError("the model has no Conv or Linear layer to quantize")
     if unit_names is not None or unit_predicate is not None:

@@ -2,6 +2,12 @@
 
 Scales and zero points broadcast against the tensor they quantize; per-channel scales have the
 shape [C, 1, 1, ...] for a weight of shape [C, ...]. Nothing here loops over channels in Python.
+
+Transposed convolutions store their weight as [in, out / groups, *kernel]: their output channels
+are spread over dimension 1 of each of the `groups` blocks of dimension 0. `output_major` lays
+such a weight out as [out, in / groups, *kernel] (a Conv weight's layout) for the per-channel
+scale search, and `transposed_broadcast` turns the resulting per-output-channel values back into
+a shape that broadcasts against the stored weight.
 """
 
 from __future__ import annotations
@@ -89,6 +95,26 @@ def _as_broadcast(values: Tensor, like: Tensor, per_channel: bool) -> Tensor:
     if per_channel:
         return values.reshape(like.shape[0], *([1] * (like.dim() - 1)))
     return values.reshape(())
+
+
+def output_major(weight: Tensor, groups: int) -> Tensor:
+    """A transposed convolution's weight [in, out / groups, *k] as [out, in / groups, *k]."""
+    cin, cout_per_group, *kernel = weight.shape
+    blocks = weight.reshape(groups, cin // groups, cout_per_group, *kernel)
+    return blocks.transpose(1, 2).reshape(groups * cout_per_group, cin // groups, *kernel)
+
+
+def transposed_broadcast(values: Tensor, weight_shape: torch.Size | tuple[int, ...],
+                         groups: int) -> Tensor:
+    """Per-output-channel `values` (out elements) shaped to broadcast against a transposed
+    convolution's weight of `weight_shape`: [1, out, 1, ...] with one group; with several,
+    [in, out / groups, 1, ...], each row repeating the values of its group's output channels."""
+    cin, cout_per_group, *kernel = weight_shape
+    ones = [1] * len(kernel)
+    if groups == 1:
+        return values.reshape(1, cout_per_group, *ones)
+    per_group = values.reshape(groups, 1, cout_per_group)
+    return per_group.expand(groups, cin // groups, cout_per_group).reshape(cin, cout_per_group, *ones)
 
 
 def search_scale(

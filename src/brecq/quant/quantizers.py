@@ -23,13 +23,22 @@ class WeightQuantizer(nn.Module):
 
     Rounding is round-to-nearest until `begin_adaround` creates the rounding variable `alpha`;
     then it is soft (`h(alpha)`, differentiable) or hard (`alpha >= 0`) as `set_soft` chooses.
+
+    Channels are output channels: dimension 0 of the weight (`channel_axis=0`: Conv, Linear) or,
+    with `channel_axis=1`, dimension 1 of each of the `groups` blocks of dimension 0 (transposed
+    convolutions, weight [in, out / groups, *k]). Scales always broadcast against the weight.
     """
 
-    def __init__(self, bits: int, *, symmetric: bool = False, per_channel: bool = True) -> None:
+    def __init__(self, bits: int, *, symmetric: bool = False, per_channel: bool = True,
+                 channel_axis: int = 0, groups: int = 1) -> None:
         super().__init__()
+        if channel_axis not in (0, 1):
+            raise ValueError(f"channel_axis must be 0 or 1, got {channel_axis}")
         self.bits = check_bits(bits, "weight bits")
         self.symmetric = symmetric
         self.per_channel = per_channel
+        self.channel_axis = channel_axis
+        self.groups = groups
         self.qmin, self.qmax = P.int_range(bits, symmetric)
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros(()))
@@ -46,10 +55,15 @@ class WeightQuantizer(nn.Module):
     @torch.no_grad()
     def calibrate(self, weight: Tensor, method: str = "lp", p: float = 2.4) -> None:
         """Initialize scale and zero point from the float weight."""
+        transposed = self.channel_axis == 1
+        rows = P.output_major(weight, self.groups) if transposed else weight
         scale, zero_point = P.search_scale(
-            weight, self.bits, symmetric=self.symmetric, per_channel=self.per_channel,
+            rows, self.bits, symmetric=self.symmetric, per_channel=self.per_channel,
             method=method, p=p,
         )
+        if transposed and self.per_channel:
+            scale, zero_point = (P.transposed_broadcast(v, weight.shape, self.groups)
+                                 for v in (scale, zero_point))
         self.scale = scale.to(weight.dtype)
         self.zero_point = zero_point.to(weight.dtype)
 
@@ -82,6 +96,17 @@ class WeightQuantizer(nn.Module):
 
     def enable(self, enabled: bool) -> None:
         self.enabled = enabled
+
+    def channel_scale(self) -> Tensor:
+        """The scale per output channel (one value for a per-tensor scale)."""
+        scale = self.scale.detach()
+        if scale.numel() == 1:
+            return scale.reshape(())
+        if self.channel_axis == 0:
+            return scale.reshape(-1)
+        # [1, out, 1, ...] with one group, else each group's output channels repeated per row.
+        rows = scale.reshape(self.groups, -1, scale.shape[1])
+        return rows[:, 0].reshape(-1)
 
     @property
     def learned(self) -> bool:
@@ -262,8 +287,7 @@ class BiasQuantizer(nn.Module):
 
     def step(self, weight_quantizer: WeightQuantizer) -> Tensor:
         """Grid step per output channel (or one value for a per-tensor weight scale)."""
-        step = self.input_quantizer.scale.detach() * weight_quantizer.scale.detach()
-        return step.reshape(-1) if step.numel() > 1 else step.reshape(())
+        return self.input_quantizer.scale.detach() * weight_quantizer.channel_scale()
 
     def active(self, weight_quantizer: WeightQuantizer) -> bool:
         source = self.input_quantizer

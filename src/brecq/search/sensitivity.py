@@ -229,8 +229,9 @@ class _QuantizerBank:
         key = (name, bits)
         if key not in self._made:
             self._made[key] = {
-                weight_label(name, weight_name): calibrated_weight_quantizer(self.config, bits, w)
-                for weight_name, w, _ in self.qmodel.layers[name].weight_quantizers()
+                weight_label(name, weight_name): calibrated_weight_quantizer(
+                    self.config, bits, w, channel_axis=q.channel_axis, groups=q.groups)
+                for weight_name, w, q in self.qmodel.layers[name].weight_quantizers()
             }
         return self._made[key]
 
