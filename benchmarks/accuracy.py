@@ -16,7 +16,6 @@ See benchmarks/README.md for all flags and the results.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import statistics
@@ -32,9 +31,9 @@ from brecq import BrecqConfig, ConfigError, quantize
 from brecq.evaluate import evaluate
 from brecq.runtime import resolve_device
 from common import (
-    BRECQ_FIELDS,
     METHODS,
     MODELS,
+    REFERENCE,
     RESULTS,
     Cifar10,
     EvalData,
@@ -43,6 +42,7 @@ from common import (
     csv_list,
     load_records,
     parse_bits,
+    parse_override,
     parse_seeds,
     peak_rss_mb,
     skip,
@@ -51,39 +51,12 @@ from common import (
 BITS = ("W4A32", "W3A32", "W2A32", "W4A4", "W3A3", "W2A4", "W2A2")
 BUDGETS = {"cpu": {"iters_w": 2000, "iters_a": 500}, "paper": {"iters_w": 20000, "iters_a": 5000}}
 
-# Reference top-1 (%) on CIFAR-10 ResNet-20 from the original research code, same model and data
-# (BRECQ: 2,000 weight / 1,000 activation iterations; QDrop: its original code). Shown in the
-# Markdown report for comparison only.
-REFERENCE = {
-    "resnet20": {
-        "FP32": {"fp": 81.03},
-        "ref: BRECQ code": {"W4A32": 80.91, "W4A4": 78.86, "W3A32": 80.79, "W3A3": 76.21,
-                            "W2A32": 78.65, "W2A4": 75.70, "W2A2": 53.77},
-        "ref: round-to-nearest": {"W4A32": 80.10, "W3A32": 72.93, "W2A32": 23.61},
-        "ref: QDrop code": {"W4A4": 79.87, "W2A4": 77.79, "W2A2": 66.84},
-    }
-}
-
 log = logging.getLogger("accuracy")
 
 
 def run_key(rec: dict[str, Any]) -> tuple:
     return (rec["model"], rec["method"], rec["bits"], rec["seed"], rec["budget"], rec["eval_split"],
             rec["eval_count_requested"], tuple(sorted(rec.get("overrides", {}).items())))
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """'weight_lr=3e-3' -> ('weight_lr', 0.003): a BrecqConfig field and a JSON value."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or key not in BRECQ_FIELDS:
-        raise argparse.ArgumentTypeError(
-            f"--set {text!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(BRECQ_FIELDS))}")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw.strip()  # a bare string such as mse
-    return key, value
 
 
 def make_config(method: str, bits: str, seed: int, args: argparse.Namespace) -> BrecqConfig:

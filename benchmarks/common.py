@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import platform
 import resource
 import sys
 import time
@@ -49,6 +50,19 @@ METHODS: dict[str, dict[str, Any]] = {
     "qdrop": {"method": "qdrop", "granularity": "block"},
 }
 BRECQ_FIELDS = frozenset(f.name for f in dataclasses.fields(BrecqConfig))
+
+# Reference top-1 (%) on CIFAR-10 ResNet-20 from the original research code, same model and data
+# (BRECQ: 2,000 weight / 1,000 activation iterations; QDrop: its original code). Shown in the
+# reports for comparison only.
+REFERENCE = {
+    "resnet20": {
+        "FP32": {"fp": 81.03},
+        "ref: BRECQ code": {"W4A32": 80.91, "W4A4": 78.86, "W3A32": 80.79, "W3A3": 76.21,
+                            "W2A32": 78.65, "W2A4": 75.70, "W2A2": 53.77},
+        "ref: round-to-nearest": {"W4A32": 80.10, "W3A32": 72.93, "W2A32": 23.61},
+        "ref: QDrop code": {"W4A4": 79.87, "W2A4": 77.79, "W2A2": 66.84},
+    }
+}
 
 log = logging.getLogger("benchmarks")
 
@@ -189,12 +203,44 @@ def parse_bits(label: str) -> tuple[int, int | None]:
     return wb, (None if ab >= 32 else ab)
 
 
+def parse_override(text: str) -> tuple[str, Any]:
+    """'weight_lr=3e-3' -> ('weight_lr', 0.003): a BrecqConfig field and a JSON value."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or key not in BRECQ_FIELDS:
+        raise argparse.ArgumentTypeError(
+            f"--set {text!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(BRECQ_FIELDS))}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw.strip()  # a bare string such as mse
+    return key, value
+
+
 def csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def parse_seeds(text: str) -> list[int]:
     return [int(s) for s in csv_list(text)]
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def cpuinfo_field(field: str) -> str | None:
+    """The first value of a /proc/cpuinfo field (None where there is no such file or field)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(field):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_name() -> str:
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 # ----------------------------------------------------------------------------- result files

@@ -29,7 +29,6 @@ import io
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -37,28 +36,14 @@ import time
 import warnings
 from pathlib import Path
 
-from common import RESULTS, Cifar10, add_data_root_argument, skip
+from common import RESULTS, Cifar10, add_data_root_argument, cpu_name, cpuinfo_field, skip
 
 EVAL_BATCH = 500
 
 
-def _cpuinfo_field(field: str) -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(field):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def _cpu_name() -> str:
-    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
-
-
 def _cpu_int8_features() -> list[str]:
     """The instruction set extensions that decide how fast integer (u8s8) kernels can be."""
-    flags = set((_cpuinfo_field("flags") or "").split())
+    flags = set((cpuinfo_field("flags") or "").split())
     return sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"})
 
 
@@ -165,7 +150,7 @@ def main() -> int:
         val_x, val_y = val_x[: args.limit], val_y[: args.limit]
     labels = val_y.numpy()
     print(f"ResNet-20: {len(val_x)} validation images; iters_w={args.iters_w} "
-          f"iters_a={args.iters_a}; {args.threads} CPU thread(s); CPU {_cpu_name()}", flush=True)
+          f"iters_a={args.iters_a}; {args.threads} CPU thread(s); CPU {cpu_name()}", flush=True)
 
     levels = ort.GraphOptimizationLevel
     # Result key -> (graph optimization level, QDQ transformers on). "ort_basic" already rounds
@@ -217,7 +202,7 @@ def main() -> int:
     results: dict = {
         "model": "cifar_resnet20", "images": len(val_x), "float_top1": fp_top1,
         "iters_w": args.iters_w, "iters_a": args.iters_a, "calib_size": args.calib_size,
-        "threads": args.threads, "integer_bias": args.integer_bias, "cpu": _cpu_name(),
+        "threads": args.threads, "integer_bias": args.integer_bias, "cpu": cpu_name(),
         "cpu_int8_features": _cpu_int8_features(),
         "cpu_count": os.cpu_count(),
         "load_average_at_start": list(os.getloadavg()), "onnxruntime": ort.__version__,
@@ -312,7 +297,7 @@ def main() -> int:
                           "with session.disable_quant_qdq=1", **latency}
     results["load_average_at_end"] = list(os.getloadavg())
     print(f"onnxruntime CPU latency ({args.threads} thread(s), ORT_ENABLE_ALL, "
-          f"median (min) of {args.runs} interleaved runs; CPU {_cpu_name()}):")
+          f"median (min) of {args.runs} interleaved runs; CPU {cpu_name()}):")
     for batch, rows in latency.items():
         print(f"  {batch}: " + "; ".join(f"{name} {r['median_ms']:.2f} ({r['min_ms']:.2f}) ms"
                                          for name, r in rows.items()))

@@ -91,3 +91,75 @@ def test_data_root_comes_from_the_environment_and_missing_data_skips(tmp_path, m
     out = capsys.readouterr().out
     assert out.startswith("SKIP:") and str(tmp_path / "data" / "cifar10" / "train") in out
     assert str(cifar.weights("resnet20")) in out
+
+
+def _accuracy_record(method, overrides=None, split="val", seed=0, top1=78.0):
+    """One run as accuracy.py writes it (CPU budget, ResNet-20, W2A4)."""
+    return {"model": "resnet20", "method": method, "bits": "W2A4", "seed": seed, "budget": "cpu",
+            "eval_split": split, "eval_count_requested": None, "top1": top1, "top5": 98.0,
+            "eval_count": 10000, "seconds": 1300.0, "recon_seconds": 1250.0, "device": "cpu",
+            "config": {"iters_w": 2000, "iters_a": 500, "calib_size": 1024, "act_lr": None},
+            **({"overrides": overrides} if overrides else {}), "host": "vm", "torch_threads": 1}
+
+
+def test_time_to_accuracy_report_table_and_plot_from_records(tmp_path, capsys):
+    import json
+
+    import time_to_accuracy as tta
+
+    with pytest.raises(SystemExit) as exc:
+        tta.main(["--help"])
+    assert exc.value.code == 0 and "--ladder" in capsys.readouterr().out
+    cell = {"model": "resnet20", "bits": "W2A4", "method": "auto", "backend": "none", "settings": {},
+            "calib_size": 1024, "device": "cpu", "eval_count_requested": None}
+    runs = [{"cell": cell, "label": tta.cell_label(cell), "source": "measured", "budget": budget,
+             "seed": seed, "top1": top1, "recon_seconds": secs, "load_average_start": [load, 1, 1]}
+            for budget, seed, top1, secs, load in [(250, 0, 76.5, 140.0, 1.0), (250, 1, 77.5, 160.0, 2.0),
+                                                   (500, 0, 78.0, 300.0, 1.5)]]
+    runs.append({**runs[2], "source": "accuracy_cpu_v2.jsonl", "budget": 2000, "top1": 78.5,
+                 "recon_seconds": 1250.0})
+    out = tmp_path / "tta.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    assert tta.main(["--report-only", "--out", str(out)]) == 0
+    table = (tmp_path / "tta.md").read_text()
+    assert "| resnet20 W2A4 auto | measured | 250 | 0,1 | 77.00 | 76.50 | 77.50 | 150 | 1.50 |" in table
+    assert "| resnet20 W2A4 auto | measured | 500 | 0 | 78.00 | 78.00 | 78.00 | 300 | 1.50 |" in table
+    assert "| resnet20 W2A4 auto | accuracy_cpu_v2.jsonl | 2,000 | 0 | 78.50 |" in table
+    assert "| resnet20 | W2A4 | QDrop code | 77.79 | about 1,150 |" in table
+    assert "| resnet20 | W2A4 | BRECQ code | 75.70 | not measured |" in table
+    assert (tmp_path / "tta.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_time_to_accuracy_imports_only_the_accuracy_runs_of_the_same_recipe(tmp_path, capsys):
+    import json
+
+    import time_to_accuracy as tta
+
+    tuned = {"weight_lr": 3e-3, "act_lr": 1.6e-4}  # what --method auto resolves to at W2A4
+    source = tmp_path / "accuracy_x.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"model": "resnet20", "method": "fp", "bits": "FP32", "seed": None, "top1": 81.0},
+        _accuracy_record("qdrop", tuned, top1=78.3), _accuracy_record("qdrop", top1=77.4),
+        _accuracy_record("brecq-block", top1=77.7), _accuracy_record("qdrop", tuned, "holdout"),
+    ]))
+    out = tmp_path / "tta.jsonl"
+    args = ["--bits", "W2A4", "--method", "auto", "--import-jsonl", str(source), "--out", str(out)]
+    assert tta.main(args) == 0
+    assert tta.main(args) == 0  # a second import copies nothing again
+    assert "copied 1 run(s)" in capsys.readouterr().out
+    (point,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (point["source"], point["budget"], point["top1"]) == ("accuracy_x.jsonl", 2000, 78.3)
+    assert tta.main(["--method", "qdrop", "--import-jsonl", str(source), "--out", str(out)]) == 0
+    assert [json.loads(line)["top1"] for line in out.read_text().splitlines()] == [78.3, 77.4]
+
+
+def test_time_to_accuracy_refuses_fields_its_flags_set_and_skips_without_data(tmp_path, monkeypatch,
+                                                                              capsys):
+    import time_to_accuracy as tta
+
+    with pytest.raises(SystemExit) as exc:
+        tta.main(["--set", "iters_w=100"])
+    assert exc.value.code == 2 and "iters_w" in capsys.readouterr().err
+    monkeypatch.setenv("BRECQ_DATA_ROOT", str(tmp_path))
+    assert tta.main(["--ladder", "250", "--seeds", "0", "--out", str(tmp_path / "t.jsonl")]) == 0
+    assert capsys.readouterr().out.startswith("SKIP:")
