@@ -29,9 +29,9 @@ def _float_output_equal(qmodel, model, x):
         return torch.allclose(qmodel(x), model(x), atol=1e-5)
 
 
-def _trained_like_batchnorms(model):
+def _trained_like_batchnorms(model, seed=1):
     # Non-trivial statistics, so that folding them wrongly (or not at all) shows in the output.
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.running_mean.copy_(torch.randn(m.num_features, generator=gen))

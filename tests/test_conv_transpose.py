@@ -10,18 +10,10 @@ from brecq.graph.fold_bn import fold_into
 from brecq.quant import primitives as P
 from brecq.quant.modules import QuantLayer
 from brecq.quant.quantizers import ActQuantizer, BiasQuantizer, WeightQuantizer
+from test_any_model import _trained_like_batchnorms
 
 TINY = dict(iters_w=2, iters_a=2, calib_size=8, batch_size=4, act_init_samples=4, device="cpu",
             scale_search="minmax")
-
-
-def _random_batchnorm(bn: nn.BatchNorm2d, seed: int) -> nn.BatchNorm2d:
-    gen = torch.Generator().manual_seed(seed)
-    bn.running_mean.copy_(torch.randn(bn.num_features, generator=gen))
-    bn.running_var.copy_(torch.rand(bn.num_features, generator=gen) + 0.5)
-    bn.weight.data.copy_(torch.rand(bn.num_features, generator=gen) + 0.5)
-    bn.bias.data.copy_(torch.randn(bn.num_features, generator=gen))
-    return bn.eval()
 
 
 class _Decoder(nn.Module):
@@ -43,7 +35,7 @@ class _Decoder(nn.Module):
 def _decoder() -> _Decoder:
     torch.manual_seed(0)
     model = _Decoder()
-    _random_batchnorm(model.bn, 1)
+    _trained_like_batchnorms(model.bn)
     return model.eval()
 
 
@@ -122,7 +114,7 @@ def test_integer_bias_step_is_per_output_channel():
 def test_batchnorm_folds_into_a_transposed_convolution(groups):
     torch.manual_seed(0)
     layer = nn.ConvTranspose2d(8, 12, 3, stride=2, groups=groups).eval()
-    bn = _random_batchnorm(nn.BatchNorm2d(12), 2)
+    bn = _trained_like_batchnorms(nn.BatchNorm2d(12), seed=2)
     x = torch.randn(2, 8, 5, 5)
     with torch.no_grad():
         ref = bn(layer(x))
