@@ -91,6 +91,11 @@ class ReconRecipe:
         """Iterations per unit of an optimizing phase."""
         return self.iters_w if phase.learns_weights else self.iters_a
 
+    @property
+    def step_size_lr(self) -> float:
+        """The activation step sizes' learning rate: the given one, else the method's default."""
+        return self.act_lr if self.act_lr is not None else METHOD_REGISTRY[self.method].default_act_lr
+
 
 @dataclass(frozen=True)
 class RuntimeOptions:
@@ -374,8 +379,7 @@ class BrecqConfig:
 
     @property
     def effective_act_lr(self) -> float:
-        run = self.resolved()
-        return run.act_lr if run.act_lr is not None else METHOD_REGISTRY[run.method].default_act_lr
+        return self.resolved().recipe.step_size_lr
 
     def resolved(self) -> BrecqConfig:
         """This config with a concrete method (`auto` looked up in AUTO_RULES) and every

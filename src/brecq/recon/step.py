@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..config import ReconRecipe
 from ..distributed import DistContext
 from ..errors import ReconstructionError
-from ..methods import METHOD_REGISTRY, Phase
+from ..methods import Phase
 from ..quant import primitives as P
 from ..quant.quantizers import ActQuantizer, WeightQuantizer
 from ..runtime import reduced_precision
@@ -55,11 +55,9 @@ class Schedule:
     def for_phase(cls, recipe: ReconRecipe, phase: Phase, iters: int | None = None) -> Schedule:
         """The settings of one phase of a resolved recipe (`BrecqConfig.resolved()`); `iters`
         replaces the recipe's iterations per unit. The one config -> schedule mapping."""
-        act_lr = (recipe.act_lr if recipe.act_lr is not None
-                  else METHOD_REGISTRY[recipe.method].default_act_lr)
         return cls(
             iters=recipe.iterations(phase) if iters is None else iters,
-            batch_size=recipe.batch_size, weight_lr=recipe.weight_lr, act_lr=act_lr,
+            batch_size=recipe.batch_size, weight_lr=recipe.weight_lr, act_lr=recipe.step_size_lr,
             round_lambda=recipe.round_lambda, beta_start=recipe.beta_start,
             beta_end=recipe.beta_end, warmup=recipe.warmup,
             # Step sizes learned alone use the Lp loss of `act_loss_p`; passes with the rounding,
