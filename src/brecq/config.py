@@ -60,6 +60,7 @@ class QuantScheme:
     integer_bias: bool
     scale_search: str
     lp_norm: float
+    layernorm_reparam: bool
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,12 @@ class BrecqConfig:
         choices=SCALE_SEARCHES,
     )
     lp_norm: float = flag_field(2.4, "--lp-norm", "p of the Lp error used by the scale search")
+    layernorm_reparam: bool = flag_field(
+        True, "--layernorm-reparam", "give each LayerNorm output that only Linear layers read"
+        " per-channel activation scales, folded into the LayerNorm affine and the Linear"
+        " weights so the deployed quantizer stays per-tensor (RepQ-ViT); no effect on"
+        " models without LayerNorm or without activation quantization",
+    )
     weight_lr: float | None = flag_field(
         None, "--w-lr", "Adam learning rate of the rounding variables (default: 1e-3;"
         " --method auto: 3e-3 at W2 with activations below 8 bits)",

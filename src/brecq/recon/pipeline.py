@@ -24,6 +24,7 @@ from ..distributed import SINGLE_PROCESS, DistContext, current
 from ..errors import ConfigError, ReconstructionError
 from ..graph.model import QuantizedModel, Unit
 from ..graph.prepare import prepare
+from ..graph.reparam import layernorm_reparameterized
 from ..methods import METHOD_REGISTRY, Phase
 from ..quant import state
 from ..runtime import CachePlacement, resolve_device
@@ -195,7 +196,7 @@ def quantize(
     data = calibration_tensor(calib_data, stop - start)
 
     started = time.perf_counter()
-    qmodel = _prepared(model, config, data, unit_predicate).to(device)
+    qmodel = _prepared(model, config, data, unit_predicate, dist).to(device)
     report = QuantizationReport(config=config.to_dict(), device=str(device),
                                 world_size=dist.world_size)
     checkpoint = RunCheckpoint(checkpoint_dir, config, data, dist)
@@ -229,11 +230,19 @@ def _runtime(config: BrecqConfig) -> tuple[torch.device, CachePlacement, DistCon
 
 
 def _prepared(model: nn.Module, config: BrecqConfig, data: Tensor,
-              unit_predicate: Callable[[str], bool] | None) -> QuantizedModel:
-    """`prepare`, leaving the model in the training mode it was in."""
-    was_training = model.training
+              unit_predicate: Callable[[str], bool] | None, dist: DistContext) -> QuantizedModel:
+    """`prepare` (after the LayerNorm reparameterization on a copy, when the config asks for
+    it), leaving the model in the training mode it was in."""
+    was_training, source = model.training, model
     try:
-        return prepare(model, config, (data[:2],), unit_predicate)
+        if config.layernorm_reparam and config.act_bits is not None:
+            # The samples that initialize the activation scales, as `initialize_activations`
+            # spreads them over the ranks.
+            start, stop = dist.shard_range(config.act_init_samples or 1)
+            source, _ = layernorm_reparameterized(
+                model, data[: max(1, stop - start)], config.act_bits,
+                symmetric=config.act_symmetric, batch_size=config.batch_size, gather=dist.gather)
+        return prepare(source, config, (data[:2],), unit_predicate)
     finally:
         model.train(was_training)
 
