@@ -134,6 +134,26 @@ def test_timm_vit_norm1_and_norm2_are_folded_and_outputs_unchanged():
         torch.testing.assert_close(work(x), before, atol=1e-4, rtol=1e-4)
 
 
+def test_torchvision_vit_layernorms_before_self_attention_and_mlp_are_folded():
+    import torchvision.models as tvm
+
+    torch.manual_seed(0)
+    model = _uneven(tvm.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                          hidden_dim=32, mlp_dim=64)).eval()
+    nn.init.normal_(model.heads.head.weight, std=0.02)  # zero-initialized: outputs would be 0
+    x = _images(8)
+    with torch.no_grad():
+        before = model(x)
+    work, report = layernorm_reparameterized(model, x, 8)
+    layers = "encoder.layers.encoder_layer_"
+    assert report.reparameterized == {
+        f"{layers}{b}.{norm}": (f"{layers}{b}.{reader}",)
+        for b in range(2) for norm, reader in (("ln_1", "self_attention"), ("ln_2", "mlp.0"))
+    }
+    with torch.no_grad():
+        torch.testing.assert_close(work(x), before, atol=1e-4, rtol=1e-4)
+
+
 class _PreLN(nn.Module):
     """nn.LayerNorm modules: one read by two Linears through dropout (one without bias)."""
 

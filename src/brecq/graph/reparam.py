@@ -7,6 +7,9 @@ weight and bias, and the input columns and bias of each Linear that reads the ou
 function is unchanged; afterwards the single per-tensor quantizer that `prepare` puts on the
 LayerNorm output quantizes it as a per-channel quantizer would have quantized the original.
 
+A self-attention `nn.MultiheadAttention` (query, key and value all the LayerNorm output, as in
+torchvision's ViT) counts as a Linear: its packed input projection absorbs the factors.
+
 A LayerNorm is left alone (and the reason logged at debug level) when anything but a Linear
 reads its values (a residual add in a post-LN encoder such as BERT, a matmul, a reshape or
 transpose that moves the channel dimension, the model output), when a Linear reads it through
@@ -158,10 +161,29 @@ def _passes_through(user: fx.Node, node: fx.Node, modules: dict[str, nn.Module])
     return user.op == "call_method" and user.target in _PASS_THROUGH_METHODS
 
 
+def input_projection(module: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """The weight [out, in] and bias that multiply a reader's input: a Linear's own, or the
+    packed query/key/value projection of a self-attention `nn.MultiheadAttention`."""
+    if isinstance(module, nn.MultiheadAttention):
+        return module.in_proj_weight, module.in_proj_bias
+    return module.weight, module.bias
+
+
+def _reads_as_input_projection(user: fx.Node, node: fx.Node, module: nn.Module | None) -> bool:
+    """Whether `user` multiplies `node` by the weight of `input_projection` and nothing else:
+    a Linear called on it alone, or self-attention with it as query, key and value."""
+    if isinstance(module, nn.Linear):
+        return user.args == (node,) and not user.kwargs
+    if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+        rest = [*user.args[3:], *user.kwargs.values()]
+        return user.args[:3] == (node,) * 3 and not any(arg is node for arg in rest)
+    return False
+
+
 def _linear_readers(node: fx.Node, channels: int, modules: dict[str, nn.Module],
                     uses: _GraphUses) -> tuple[str, ...] | str:
-    """The Linears that read `node`'s values (through pass-through ops), or why another
-    consumer rules the reparameterization out."""
+    """The Linears (or self-attention modules) that read `node`'s values (through pass-through
+    ops), or why another consumer rules the reparameterization out."""
     linears: list[str] = []
     frontier = [node]
     while frontier:
@@ -170,12 +192,13 @@ def _linear_readers(node: fx.Node, channels: int, modules: dict[str, nn.Module],
             if _reads_metadata_only(user, current):
                 continue
             module = modules.get(str(user.target)) if user.op == "call_module" else None
-            if isinstance(module, nn.Linear) and user.args == (current,) and not user.kwargs:
-                if module.in_features != channels:
-                    return f"Linear {user.target} reads {module.in_features} features, not {channels}"
+            if _reads_as_input_projection(user, current, module):
+                features = input_projection(module)[0].shape[1]
+                if features != channels:
+                    return f"{user.target} reads {features} features, not {channels}"
                 if not uses.module_used_once(str(user.target)):
-                    return (f"Linear {user.target} is called more than once or its parameters"
-                            " are shared or read elsewhere")
+                    return (f"{user.target} is called more than once or its parameters are"
+                            " shared or read elsewhere")
                 linears.append(str(user.target))
             elif _passes_through(user, current, modules):
                 frontier.append(user)
@@ -255,18 +278,18 @@ def _channel_ranges(model: nn.Module, candidates: list[LayerNormCandidate], data
 def _fold(model: nn.Module, candidate: LayerNormCandidate, low: Tensor, high: Tensor, bits: int,
           symmetric: bool) -> None:
     factors = layernorm_reparam_factors(low, high, bits, symmetric)
-    linears = [model.get_submodule(name) for name in candidate.linears]
-    if any(linear.bias is None for linear in linears):
+    projections = [input_projection(model.get_submodule(name)) for name in candidate.linears]
+    if any(bias is None for _, bias in projections):
         factors = factors.without_shift()
     weight, bias = model.get_parameter(candidate.weight), model.get_parameter(candidate.bias)
     new_weight, new_bias = reparam_affine(weight, bias, factors)
     weight.copy_(new_weight)
     bias.copy_(new_bias)
-    for linear in linears:
-        new_weight, new_bias = reparam_linear_input(linear.weight, linear.bias, factors)
-        linear.weight.copy_(new_weight)
-        if linear.bias is not None:
-            linear.bias.copy_(new_bias)
+    for weight, bias in projections:
+        new_weight, new_bias = reparam_linear_input(weight, bias, factors)
+        weight.copy_(new_weight)
+        if bias is not None:
+            bias.copy_(new_bias)
 
 
 def reparameterize_layernorms(
