@@ -217,6 +217,16 @@ def test_post_layernorm_feeding_a_residual_add_is_skipped_with_the_reason():
     assert [(c.name, c.linears) for c in plan.candidates] == [("norm2", ("head",))]
 
 
+def test_hugging_face_bert_layernorms_are_never_folded():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64,
+                                     max_position_embeddings=16)
+    plan = plan_layernorm_reparam(transformers.BertModel(config).eval())
+    # Post-LN: every LayerNorm output is also a residual (or the graph cannot be traced at all).
+    assert plan.candidates == [] and plan.skipped
+
+
 def test_shared_linear_is_not_folded():
     class Shared(nn.Module):
         def __init__(self):
@@ -228,6 +238,19 @@ def test_shared_linear_is_not_folded():
 
     plan = plan_layernorm_reparam(Shared())
     assert plan.candidates == [] and "called more than once" in plan.skipped["norm"]
+
+
+def test_ranks_fold_the_ranges_of_the_union_of_their_shards():
+    model, shards = _tiny_vit(), (_images(8, seed=1), _images(8, seed=2))
+    whole, _ = layernorm_reparameterized(model, torch.cat(shards), 4)
+    other_rank: list[torch.Tensor] = []
+    layernorm_reparameterized(model, shards[1], 4, gather=lambda t: other_rank.append(t) or t)
+    # What DistContext.gather gives rank 0: its tensor, then rank 1's, concatenated.
+    rank0, _ = layernorm_reparameterized(model, shards[0], 4,
+                                         gather=lambda t: torch.cat([t, other_rank.pop(0)]))
+    assert not other_rank
+    assert all(torch.equal(a, b) for a, b in zip(rank0.state_dict().values(),
+                                                  whole.state_dict().values()))
 
 
 def test_a_model_without_layernorm_comes_back_unchanged():
