@@ -45,7 +45,8 @@ _METADATA_ATTRIBUTES = ("ndim", "shape", "dtype", "device")
 _METADATA_METHODS = ("dim", "size")
 # Between a LayerNorm and its Linear readers: ops that pass every channel through unchanged (at
 # inference; dropout is the identity there).
-_PASS_THROUGH_MODULES = (nn.Identity, nn.modules.dropout._DropoutNd)
+_PASS_THROUGH_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                         nn.AlphaDropout, nn.FeatureAlphaDropout)
 _PASS_THROUGH_FUNCTIONS = (F.dropout,)
 _PASS_THROUGH_METHODS = ("contiguous",)
 
@@ -131,9 +132,10 @@ def _layer_norm_of(node: fx.Node, modules: dict[str, nn.Module],
         weight, bias = args.get("weight"), args.get("bias")
         if not all(isinstance(p, fx.Node) and p.op == "get_attr" for p in (weight, bias)):
             return f"{node.name}: F.layer_norm without weight and bias parameters to fold into"
+        only_here = len(weight.users) == len(bias.users) == 1
         weight, bias = str(weight.target), str(bias.target)
         name = weight.rpartition(".")[0] or node.name
-        if not (uses.parameter_used_once(weight) and uses.parameter_used_once(bias)):
+        if not (only_here and uses.parameter_used_once(weight) and uses.parameter_used_once(bias)):
             return f"{name}: its weight or bias is shared or read elsewhere"
         shape = args.get("normalized_shape")
     else:
