@@ -64,9 +64,9 @@ def test_per_tensor_codes_of_the_new_output_are_the_per_channel_codes_of_the_old
     new_weight, new_bias = reparam_affine(weight, bias, factors)
     per_tensor = quantize_to_int(normalized * new_weight + new_bias, factors.scale,
                                  factors.zero_point, qmin, qmax)
-    # Equal but for float rounding of values within an ulp of a rounding boundary.
-    differing = per_tensor != per_channel
-    assert differing.float().mean() <= 1e-3
+    # Equal (0 of 9,600 codes differ here); float rounding could flip a value within an ulp of
+    # a rounding boundary by one step.
+    assert int((per_tensor != per_channel).sum()) <= 1
     assert (per_tensor - per_channel).abs().max() <= 1
     # The codes of the per-tensor quantizer use the whole grid in every channel.
     assert bool((per_tensor.amax(0) - per_tensor.amin(0) >= 0.9 * (qmax - qmin)).all())

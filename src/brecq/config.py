@@ -239,10 +239,11 @@ class BrecqConfig:
     )
     lp_norm: float = flag_field(2.4, "--lp-norm", "p of the Lp error used by the scale search")
     layernorm_reparam: bool = flag_field(
-        True, "--layernorm-reparam", "give each LayerNorm output that only Linear layers read"
-        " per-channel activation scales, folded into the LayerNorm affine and the Linear"
-        " weights so the deployed quantizer stays per-tensor (RepQ-ViT); no effect on"
-        " models without LayerNorm or without activation quantization",
+        True, "--layernorm-reparam", "give each LayerNorm output that only Linear layers (or"
+        " self-attention) read per-channel activation scales, folded into the LayerNorm"
+        " affine and the Linear weights so the deployed quantizer stays per-tensor"
+        " (RepQ-ViT); no effect on models without LayerNorm or without activation"
+        " quantization",
     )
     weight_lr: float | None = flag_field(
         None, "--w-lr", "Adam learning rate of the rounding variables (default: 1e-3;"
