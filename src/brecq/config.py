@@ -85,6 +85,8 @@ class ReconRecipe:
     drop_prob: float
     act_init_samples: int
     early_stop: float
+    holdout_patience: int
+    time_budget: float | None
     seed: int
 
     def iterations(self, phase: Phase) -> int:
@@ -131,6 +133,25 @@ def flag_field(default: Any, flag: str, help_text: str, **extra: Any) -> Any:
     if isinstance(default, dict):
         return field(default_factory=default.copy, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration_seconds(value: Any) -> float:
+    """Seconds from a number of seconds or a string such as "45", "90s", "2.5m" or "1h"."""
+    if isinstance(value, bool):
+        raise ConfigError(f"time_budget={value!r} is not a duration: give seconds, e.g. 90 or '90s'")
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip().lower()
+    scale = DURATION_UNITS.get(text[-1:])
+    number = text[:-1] if scale is not None else text
+    try:
+        return float(number) * (scale or 1.0)
+    except ValueError:
+        raise ConfigError(f"{value!r} is not a duration: give seconds (90, '90s') or minutes"
+                          " ('5m') or hours ('1h')") from None
 
 
 def check_bits(bits: Any, what: str) -> int:
@@ -292,6 +313,18 @@ class BrecqConfig:
         0.0, "--early-stop", "activation step-size passes: stop a unit when its mean"
         " loss over 500 iterations improves by less than this fraction (0: off)",
     )
+    holdout_patience: int = flag_field(
+        0, "--holdout-patience", "per-unit early stopping: hold out 1/16 of each unit's"
+        " cached samples and end a unit's pass when their error has not improved for this"
+        " many checks (20 per pass); a rounding pass then ends with a short final anneal,"
+        " still hard-rounded (0: off)",
+    )
+    time_budget: float | None = flag_field(
+        None, "--time-budget", "seconds the whole reconstruction may take (e.g. 300, 90s, 5m):"
+        " every unit and pass gets the same share of its iterations that fits, measured on"
+        " this machine (so the result depends on its speed); units that no longer fit keep"
+        " round-to-nearest", metavar="SECONDS", parse=duration_seconds,
+    )
     seed: int = flag_field(0, "--seed", "random seed")
     dist_timeout: float = flag_field(
         600.0, "--dist-timeout", "under torchrun: seconds a rank waits for the others in"
@@ -309,7 +342,13 @@ class BrecqConfig:
             value = getattr(self, f.name)
             if f.type in ("bool", bool) and not isinstance(value, bool):
                 raise ConfigError(f"{f.name}={value!r} must be true or false")
-        for name in ("iters_w", "iters_a", "act_init_samples"):
+        if self.time_budget is not None:
+            seconds = duration_seconds(self.time_budget)
+            if not (seconds > 0 and math.isfinite(seconds)):
+                raise ConfigError(f"time_budget={self.time_budget!r} must be a positive number of"
+                                  " seconds (or None for no limit)")
+            object.__setattr__(self, "time_budget", seconds)
+        for name in ("iters_w", "iters_a", "act_init_samples", "holdout_patience"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name}={value!r} must be a non-negative integer")
