@@ -139,9 +139,9 @@ class TimeBudget:
                      0.0 if measured else self._overhead(elapsed))]  # a probed pass's is spent
         work += [Work(iters, self._cost(k, current), self._overhead(elapsed))
                  for k, iters in rest[1:]]
-        if seconds_per_iteration is None and not self.step_costs:
+        if self.left() > 0 and not measured and not self.step_costs:
             return rest[0][1]  # nothing measured yet: the probe decides
-        count = split_budget(self.left() * (1 - RESERVE), work, self.floor)[0]
+        count = split_budget(self.left() * (1 - RESERVE), work, self.floor)[0] if self.left() > 0 else 0
         if count == 0 and rest[0][1] > 0:
             self.out_of_time = True
             passes = sum(1 for _, iters in rest if iters > 0)
