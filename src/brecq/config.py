@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .durations import duration_seconds
 from .errors import ConfigError
 from .methods import AUTO, DEFAULT_ROUND_LAMBDA, DEFAULT_WEIGHT_LR, METHOD_REGISTRY, Phase, auto_rule
 
@@ -133,25 +134,6 @@ def flag_field(default: Any, flag: str, help_text: str, **extra: Any) -> Any:
     if isinstance(default, dict):
         return field(default_factory=default.copy, metadata=metadata)
     return field(default=default, metadata=metadata)
-
-
-DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def duration_seconds(value: Any) -> float:
-    """Seconds from a number of seconds or a string such as "45", "90s", "2.5m" or "1h"."""
-    if isinstance(value, bool):
-        raise ConfigError(f"time_budget={value!r} is not a duration: give seconds, e.g. 90 or '90s'")
-    if isinstance(value, (int, float)):
-        return float(value)
-    text = str(value).strip().lower()
-    scale = DURATION_UNITS.get(text[-1:])
-    number = text[:-1] if scale is not None else text
-    try:
-        return float(number) * (scale or 1.0)
-    except ValueError:
-        raise ConfigError(f"{value!r} is not a duration: give seconds (90, '90s') or minutes"
-                          " ('5m') or hours ('1h')") from None
 
 
 def check_bits(bits: Any, what: str) -> int:
