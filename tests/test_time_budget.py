@@ -195,5 +195,6 @@ def test_a_resumed_budgeted_run_uses_the_budget_left(tmp_path):
     resumed = report.units[1:]
     assert resumed and all(u.iterations == 0 and "round-to-nearest" in u.note for u in resumed)
     assert all(math.isnan(u.loss_after) for u in resumed)
+    assert json.loads(json.dumps(report.to_dict(), allow_nan=False))["units"][-1]["loss_after"] is None
     assert report.time_budget["spent"] >= 60.0 and report.time_budget["out_of_time"]
     assert _hard_rounded(qmodel)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 
@@ -42,7 +43,9 @@ class QuantizationReport:
             "config": self.config,
             "device": self.device,
             "world_size": self.world_size,
-            "units": [asdict(u) for u in self.units],
+            # A pass a time budget left out has no losses: null, not NaN (which JSON lacks).
+            "units": [{k: None if isinstance(v, float) and math.isnan(v) else v
+                       for k, v in asdict(u).items()} for u in self.units],
             "recon_seconds": self.recon_seconds,
             "time_budget": self.time_budget,
         }
