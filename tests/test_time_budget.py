@@ -198,3 +198,31 @@ def test_a_resumed_budgeted_run_uses_the_budget_left(tmp_path):
     assert json.loads(json.dumps(report.to_dict(), allow_nan=False))["units"][-1]["loss_after"] is None
     assert report.time_budget["spent"] >= 60.0 and report.time_budget["out_of_time"]
     assert _hard_rounded(qmodel)
+
+
+# ----------------------------------------------------------------------------- benchmark ladder
+
+
+def test_time_to_accuracy_takes_a_ladder_of_time_budgets(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import time_to_accuracy as tta
+
+    parser = tta.build_parser()
+    args = parser.parse_args(["--budgets", "120s,200s,5m", "--time-iters", "1000"])
+    cell = tta.check_cell(parser, args)
+    assert args.ladder == [120, 200, 300]
+    config = tta.make_config(cell, 200, seed=1)
+    assert (config.time_budget, config.iters_w, config.iters_a) == (200.0, 1000, 250)
+    assert "time budget" in tta.cell_label(cell) and tta.budget_text(cell, 200) == "200s"
+    # Iteration ladders are unchanged: no time budget, the same cell as before.
+    plain = tta.check_cell(parser, parser.parse_args(["--ladder", "500"]))
+    assert "time_budget_iters" not in plain and tta.make_config(plain, 500, 0).time_budget is None
+    runs = [{"cell": cell, "label": tta.cell_label(cell), "source": "measured", "budget": 120,
+             "seed": 0, "top1": 77.0, "recon_seconds": 118.0, "load_average_start": [1.0, 1, 1]}]
+    tta.write_markdown(runs, tmp_path / "t.md")
+    assert "| measured | 120s | 0 | 77.00 |" in (tmp_path / "t.md").read_text()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--budgets", "soon"])
