@@ -432,7 +432,8 @@ class BrecqConfig:
             lrs += f", act_lr {run.act_lr:g}"
         passes = [p for p in method.phases_run(self.act_bits is not None) if p.optimizes]
         iters = " + ".join(f"{run.recipe.iterations(p):,} {p.plan}" for p in passes)
-        return f"{method.title}{why}, {self.label}: {lrs}; {iters} iterations per unit"
+        within = f" (at most; time budget {self.time_budget:g}s)" if self.time_budget else ""
+        return f"{method.title}{why}, {self.label}: {lrs}; {iters} iterations per unit{within}"
 
     @property
     def label(self) -> str:

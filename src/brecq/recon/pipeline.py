@@ -4,6 +4,9 @@ BRECQ runs two passes over the units: learned rounding with activations off, the
 step sizes with everything on. QDrop runs one pass that learns both, dropping quantization of
 activations at random. `rtn` stops after initializing scales (round-to-nearest baseline).
 Each method's phases are its entry in `brecq.methods.METHOD_REGISTRY`.
+With a time budget (`recon/budget.py`) every unit's iterations are planned from measured step
+times before it runs; with held-out early stopping (`recon/early_stop.py`) a unit's pass may
+end early. This module only sequences them.
 """
 
 from __future__ import annotations
@@ -103,7 +106,8 @@ def _reconstruct_pass(
         report.units.append(unit_report)
         if budget is not None:
             budget.finish(key, result.iterations, unit_report.seconds, result.seconds_per_iteration)
-        _log_unit(qmodel, k, unit_report, schedule.iters, run_progress, device, dist)
+        _log_unit(qmodel, k, unit_report, schedule.iters, run_progress, device, dist,
+                  budget.left() if budget is not None else None)
         checkpoint.mark_done(phase.name, k, qmodel, report, generators,
                              budget_spent=budget.spent() if budget is not None else 0.0)
 
@@ -126,9 +130,9 @@ def _budget_plan(budget: TimeBudget, key: WorkKey, started: float, dist: DistCon
 
 def _log_unit(qmodel: QuantizedModel, k: int, unit_report: UnitReport, iters: int,
               run_progress: progress.RunProgress, device: torch.device,
-              dist: DistContext) -> None:
+              dist: DistContext, budget_left: float | None = None) -> None:
     """Count a finished unit's iterations and log its line (and, after the first, the time
-    estimate)."""
+    estimate: at most what a time budget leaves)."""
     first = run_progress.done == 0
     run_progress.add(iters, unit_report.seconds)
     if not dist.is_main:
@@ -136,6 +140,8 @@ def _log_unit(qmodel: QuantizedModel, k: int, unit_report: UnitReport, iters: in
     peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
             if device.type == "cuda" else "")
     left = run_progress.left()
+    if left and budget_left is not None:
+        left = min(left, budget_left)
     progress.unit_logger.info(
         "%s unit %d/%d %s: loss %.5g -> %.5g (%d iterations, %.1fs%s)%s", unit_report.phase,
         k + 1, len(qmodel.units), unit_report.name, unit_report.loss_before,
