@@ -1,7 +1,8 @@
-"""Time to accuracy: top-1 against reconstruction seconds over a ladder of iteration budgets.
+"""Time to accuracy: top-1 against reconstruction seconds over a ladder of budgets.
 
 For one cell (model, bit setting, method and settings) runs every budget of the ladder
-(iterations per unit) with every seed, and appends each finished run as one JSON line to
+(iterations per unit, or with ``--budgets`` the library's ``--time-budget`` in seconds) with
+every seed, and appends each finished run as one JSON line to
 ``benchmarks/results/time_to_accuracy.jsonl`` (a re-run skips runs already there). The report,
 ``time_to_accuracy.md`` and ``time_to_accuracy.png``, sets top-1 against reconstruction seconds
 (``report.recon_seconds``), with the original codes' measured points on the same axes.
@@ -13,6 +14,12 @@ Example (ResNet-20 W2A4 with ``--method auto``, four budgets, three seeds)::
     PYTHONPATH=src python benchmarks/time_to_accuracy.py --model resnet20 --bits W2A4 \\
         --method qdrop --import-jsonl benchmarks/results/accuracy_cpu_v2.jsonl
     PYTHONPATH=src python benchmarks/time_to_accuracy.py --report-only
+
+Time budgets instead (each run gets ``time_budget`` seconds, its iterations per unit scaled down
+from ``--time-iters`` to what fits on this machine; a cell of its own)::
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/time_to_accuracy.py --model resnet20 \
+        --bits W2A4 --method auto --budgets 120s,200s,300s --seeds 0,1,2
 
 See benchmarks/README.md for the results.
 """
@@ -35,6 +42,7 @@ import torch
 
 import common
 from brecq import BrecqConfig, ConfigError, quantize
+from brecq.durations import duration_seconds
 from brecq.evaluate import evaluate
 from brecq.runtime import resolve_device
 
@@ -51,7 +59,7 @@ METHOD_SPECS: dict[str, dict[str, Any]] = {
 ACT_ITERS_DIVISOR = 4
 # Fields that the flags of this script set: `--set` may not change them.
 FLAG_FIELDS = frozenset({"weight_bits", "act_bits", "method", "granularity", "backend", "device",
-                         "calib_size", "iters_w", "iters_a", "seed"})
+                         "calib_size", "iters_w", "iters_a", "seed", "time_budget"})
 MEASURED = "measured"
 # The original codes' rows in common.REFERENCE, and the reconstruction seconds measured for them
 # on the 2-core development CPU (issue 20: the original QDrop code, 2,000 iterations per unit, W2A4).
@@ -71,10 +79,19 @@ log = logging.getLogger("time_to_accuracy")
 
 
 def cell_of(args: argparse.Namespace) -> dict[str, Any]:
-    """What one curve is: everything but the budget and the seed."""
-    return {"model": args.model, "bits": args.bits, "method": args.method, "backend": args.backend,
+    """What one curve is: everything but the budget and the seed. A ladder of time budgets is a
+    cell of its own, with the iterations per unit that its budgets scale down."""
+    cell = {"model": args.model, "bits": args.bits, "method": args.method, "backend": args.backend,
             "settings": args.overrides, "calib_size": args.calib_size, "device": args.device,
             "eval_count_requested": args.eval_size}
+    if args.budgets:
+        cell["time_budget_iters"] = args.time_iters
+    return cell
+
+
+def budget_text(cell: dict[str, Any], budget: int) -> str:
+    """'1,000' (iterations per unit) or '120s' (a time budget)."""
+    return f"{budget:,}s" if "time_budget_iters" in cell else f"{budget:,}"
 
 
 def cell_label(cell: dict[str, Any]) -> str:
@@ -85,6 +102,8 @@ def cell_label(cell: dict[str, Any]) -> str:
     parts += [f"calib={cell['calib_size']}"] if cell["calib_size"] != 1024 else []
     parts += [f"device={cell['device']}"] if cell["device"] != "cpu" else []
     parts += [f"eval={cell['eval_count_requested']}"] if cell["eval_count_requested"] else []
+    if "time_budget_iters" in cell:
+        parts.append(f"time budget (iters={cell['time_budget_iters']:,})")
     return " ".join(parts)
 
 
@@ -93,10 +112,14 @@ def run_key(rec: dict[str, Any]) -> tuple:
 
 
 def make_config(cell: dict[str, Any], budget: int, seed: int) -> BrecqConfig:
+    """The run of `cell` at `budget`: iterations per unit, or seconds for a time-budget cell."""
     wb, ab = common.parse_bits(cell["bits"])
+    timed = "time_budget_iters" in cell
+    iters = cell["time_budget_iters"] if timed else budget
     return BrecqConfig(
         weight_bits=wb, act_bits=ab, seed=seed, device=cell["device"],
-        calib_size=cell["calib_size"], iters_w=budget, iters_a=budget // ACT_ITERS_DIVISOR,
+        calib_size=cell["calib_size"], iters_w=iters, iters_a=iters // ACT_ITERS_DIVISOR,
+        time_budget=float(budget) if timed else None,
         backend=cell["backend"], **METHOD_SPECS[cell["method"]], **cell["settings"],
     )
 
@@ -127,7 +150,7 @@ def run_one(model: torch.nn.Module, calib: torch.Tensor, val: tuple[torch.Tensor
             cell: dict[str, Any], budget: int, seed: int) -> dict[str, Any]:
     config = make_config(cell, budget, seed)
     run = config.resolved()
-    log.info("=== %s, %d iterations per unit, seed %d: %s", cell_label(cell), budget, seed,
+    log.info("=== %s, budget %s, seed %d: %s", cell_label(cell), budget_text(cell, budget), seed,
              config.method_summary())
     load_start = list(os.getloadavg())
     started = time.perf_counter()
@@ -145,6 +168,7 @@ def run_one(model: torch.nn.Module, calib: torch.Tensor, val: tuple[torch.Tensor
         "units": [{"name": u.name, "phase": u.phase, "iterations": u.iterations,
                    "loss_after": u.loss_after, "seconds": round(u.seconds, 2)}
                   for u in report.units],
+        "time_budget": report.time_budget,
     }
 
 
@@ -169,8 +193,8 @@ def run_ladder(args: argparse.Namespace, cifar: common.Cifar10, cell: dict[str, 
         rec = run_one(model, calibration[seed], val, cell, budget, seed)
         rec["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         common.append_record(out, rec)
-        log.info("RESULT %s, %d iterations, seed %d: top-1 %.2f%%, reconstruction %.1fs (load %.2f)",
-                 rec["label"], budget, seed, rec["top1"], rec["recon_seconds"],
+        log.info("RESULT %s, budget %s, seed %d: top-1 %.2f%%, reconstruction %.1fs (load %.2f)",
+                 rec["label"], budget_text(cell, budget), seed, rec["top1"], rec["recon_seconds"],
                  rec["load_average_start"][0])
 
 
@@ -257,7 +281,9 @@ def write_markdown(records: list[dict[str, Any]], path: Path) -> None:
     lines = ["# Time to accuracy", "",
              "Top-1 (%) on the val images against reconstruction seconds (`report.recon_seconds`)"
              " per budget (iterations per unit of the weight or joint pass; BRECQ's activation"
-             f" pass gets 1/{ACT_ITERS_DIVISOR} of it). Source `{MEASURED}`: runs of"
+             f" pass gets 1/{ACT_ITERS_DIVISOR} of it; a budget in seconds is a `--time-budget`"
+             " run, whose iterations per unit the library scales down from the cell's"
+             " `iters` to what fits on the machine). Source `{MEASURED}`: runs of"
              " time_to_accuracy.py; a file name: accuracy.py runs of the same recipe copied with"
              " `--import-jsonl`. Load average: the 1-minute figure at the start of each run.", "",
              "| cell | source | budget | seeds | top-1 mean | min | max | recon s mean"
@@ -268,7 +294,8 @@ def write_markdown(records: list[dict[str, Any]], path: Path) -> None:
         load = f"{statistics.fmean(loads):.2f}" if loads else ""
         seeds = ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
         recon = statistics.fmean(r["recon_seconds"] for r in runs)
-        lines.append(f"| {label} | {source} | {budget:,} | {seeds} | {statistics.fmean(tops):.2f}"
+        shown = budget_text(runs[0]["cell"], budget)
+        lines.append(f"| {label} | {source} | {shown} | {seeds} | {statistics.fmean(tops):.2f}"
                      f" | {min(tops):.2f} | {max(tops):.2f} | {recon:,.0f} | {load} |")
     cells = sorted({(r["cell"]["model"], r["cell"]["bits"]) for r in records})
     refs = [(model, bits, *ref) for model, bits in cells for ref in _references(model, bits)]
@@ -283,14 +310,15 @@ def write_markdown(records: list[dict[str, Any]], path: Path) -> None:
 
 def _draw_panel(ax: Any, model: str, bits: str, groups: dict[tuple[str, str, int], list],
                 colors: dict[str, Any], markers: dict[str, str]) -> None:
-    series: dict[tuple[str, str], list[tuple[float, float, float, float, int]]] = defaultdict(list)
+    series: dict[tuple[str, str], list[tuple[float, float, float, float, str]]] = defaultdict(list)
     for (label, source, budget), runs in groups.items():
         cell = runs[0]["cell"]
         if (cell["model"], cell["bits"]) != (model, bits):
             continue
         tops = [r["top1"] for r in runs]
         secs = statistics.fmean(r["recon_seconds"] for r in runs)
-        series[(label, source)].append((secs, statistics.fmean(tops), min(tops), max(tops), budget))
+        series[(label, source)].append((secs, statistics.fmean(tops), min(tops), max(tops),
+                                        budget_text(cell, budget)))
     ys: list[float] = []
     for (label, source), pts in series.items():
         pts.sort()
@@ -302,7 +330,7 @@ def _draw_panel(ax: Any, model: str, bits: str, groups: dict[tuple[str, str, int
             ax.errorbar(x, y, yerr=yerr, marker=markers[source], mfc="none", ls="none",
                         capsize=3, ms=8, color=colors[label], label=f"{label} (from {source})")
         for p in pts:
-            ax.annotate(f"{p[4]:,}", (p[0], p[1]), textcoords="offset points", xytext=(4, 4),
+            ax.annotate(p[4], (p[0], p[1]), textcoords="offset points", xytext=(4, 4),
                         fontsize=6, color=colors[label])
         ys += [p[2] for p in pts] + [p[3] for p in pts]
     if model == "resnet20" and bits in TARGETS:
@@ -384,6 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
                    default="250,500,1000,2000",
                    help="comma list of budgets, iterations per unit (activation passes: "
                         f"1/{ACT_ITERS_DIVISOR})")
+    p.add_argument("--budgets", type=_durations, default=None, metavar="SECONDS,...",
+                   help="a ladder of time budgets instead of --ladder, e.g. 120s,200s,5m: each"
+                        " run gets --time-budget of that many seconds")
+    p.add_argument("--time-iters", type=int, default=2000,
+                   help="with --budgets: iterations per unit that the time budget scales down "
+                        f"(activation passes: 1/{ACT_ITERS_DIVISOR})")
     p.add_argument("--seeds", type=common.parse_seeds, default="0,1,2", help="comma list of seeds")
     p.add_argument("--set", dest="overrides", type=common.parse_override, action="append", default=[],
                    metavar="FIELD=VALUE",
@@ -407,6 +441,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _durations(text: str) -> list[int]:
+    """'120s,200s,5m' -> [120, 200, 300] (whole seconds)."""
+    try:
+        seconds = [round(duration_seconds(t)) for t in common.csv_list(text)]
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not seconds or min(seconds) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give budgets of at least one second")
+    return seconds
+
+
 def check_cell(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
     """The cell of the flags; a bad flag stops here, not after an hour of runs."""
     try:
@@ -418,7 +463,11 @@ def check_cell(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dic
     fixed = sorted(FLAG_FIELDS & set(args.overrides))
     if fixed:
         parser.error(f"--set {', '.join(fixed)}: this script's flags set these (see --help)")
-    if not args.ladder or min(args.ladder) < ACT_ITERS_DIVISOR:
+    if args.budgets:
+        args.ladder = args.budgets
+        if args.time_iters < ACT_ITERS_DIVISOR:
+            parser.error(f"--time-iters needs at least {ACT_ITERS_DIVISOR} iterations")
+    elif not args.ladder or min(args.ladder) < ACT_ITERS_DIVISOR:
         parser.error(f"--ladder needs budgets of at least {ACT_ITERS_DIVISOR} iterations")
     cell = cell_of(args)
     for budget in args.ladder:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .durations import duration_seconds
 from .errors import ConfigError
 from .methods import AUTO, DEFAULT_ROUND_LAMBDA, DEFAULT_WEIGHT_LR, METHOD_REGISTRY, Phase, auto_rule
 
@@ -86,6 +87,8 @@ class ReconRecipe:
     drop_prob: float
     act_init_samples: int
     early_stop: float
+    holdout_patience: int
+    time_budget: float | None
     seed: int
 
     def iterations(self, phase: Phase) -> int:
@@ -300,6 +303,18 @@ class BrecqConfig:
         0.0, "--early-stop", "activation step-size passes: stop a unit when its mean"
         " loss over 500 iterations improves by less than this fraction (0: off)",
     )
+    holdout_patience: int = flag_field(
+        0, "--holdout-patience", "per-unit early stopping: hold out 1/16 of each unit's"
+        " cached samples and end a unit's pass when their error has not improved for this"
+        " many checks (20 per pass); a rounding pass then ends with a short final anneal,"
+        " still hard-rounded (0: off)",
+    )
+    time_budget: float | None = flag_field(
+        None, "--time-budget", "seconds the whole reconstruction may take (e.g. 300, 90s, 5m):"
+        " every unit and pass gets the same share of its iterations that fits, measured on"
+        " this machine (so the result depends on its speed); units that no longer fit keep"
+        " round-to-nearest", metavar="SECONDS", parse=duration_seconds,
+    )
     seed: int = flag_field(0, "--seed", "random seed")
     dist_timeout: float = flag_field(
         600.0, "--dist-timeout", "under torchrun: seconds a rank waits for the others in"
@@ -317,7 +332,13 @@ class BrecqConfig:
             value = getattr(self, f.name)
             if f.type in ("bool", bool) and not isinstance(value, bool):
                 raise ConfigError(f"{f.name}={value!r} must be true or false")
-        for name in ("iters_w", "iters_a", "act_init_samples"):
+        if self.time_budget is not None:
+            seconds = duration_seconds(self.time_budget)
+            if not (seconds > 0 and math.isfinite(seconds)):
+                raise ConfigError(f"time_budget={self.time_budget!r} must be a positive number of"
+                                  " seconds (or None for no limit)")
+            object.__setattr__(self, "time_budget", seconds)
+        for name in ("iters_w", "iters_a", "act_init_samples", "holdout_patience"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name}={value!r} must be a non-negative integer")
@@ -419,7 +440,8 @@ class BrecqConfig:
             lrs += f", act_lr {run.act_lr:g}"
         passes = [p for p in method.phases_run(self.act_bits is not None) if p.optimizes]
         iters = " + ".join(f"{run.recipe.iterations(p):,} {p.plan}" for p in passes)
-        return f"{method.title}{why}, {self.label}: {lrs}; {iters} iterations per unit"
+        within = f" (at most; time budget {self.time_budget:g}s)" if self.time_budget else ""
+        return f"{method.title}{why}, {self.label}: {lrs}; {iters} iterations per unit{within}"
 
     @property
     def label(self) -> str:

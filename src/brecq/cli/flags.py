@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import FLAG_GROUPS, BrecqConfig
+from ..errors import ConfigError
 from ..search.config import read_bits_file
 
 _NONE_WORDS = ("none", "null")
@@ -100,6 +101,18 @@ def parse_ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _argparse_errors(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`parse` with its ConfigError turned into argparse's error for a bad value."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     """(T, True) for `T | None`, else (tp, False)."""
     origin = typing.get_origin(tp)
@@ -144,6 +157,8 @@ def _config_option(field: dataclasses.Field, tp: Any) -> dict[str, Any]:
         kwargs["action"] = argparse.BooleanOptionalAction
         return kwargs
     parse, metavar = _value_parser(field, base)
+    if "parse" in meta:  # a field whose flag reads its own notation (e.g. durations: 90s, 5m)
+        parse = _argparse_errors(meta["parse"])
     metavar = meta.get("metavar", metavar)
     if optional:
         # --a-bits also takes 32 (full precision) for weight-only quantization.

@@ -80,7 +80,9 @@ def read_checkpoint(path: Path, config: BrecqConfig) -> dict:
             "start again without --resume"
         )
     saved, current = payload["config"], config.result_settings()
-    differing = sorted(k for k in current if saved.get(k) != current[k])
+    # A setting newer than the checkpoint was then at its default.
+    defaults = BrecqConfig().to_dict()
+    differing = sorted(k for k in current if saved.get(k, defaults.get(k)) != current[k])
     if differing:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing)
         raise CheckpointError(
@@ -100,6 +102,7 @@ class RunCheckpoint:
         self.dist = dist
         self.data_fingerprint = _fingerprint(data, dist)
         self.done: list[str] = []
+        self.budget_spent = 0.0  # seconds of the time budget used by the runs before this one
 
     @property
     def path(self) -> Path | None:
@@ -114,7 +117,9 @@ class RunCheckpoint:
         return f"finished units are saved in {self.path}; rerun with --resume {self.directory}"
 
     def mark_done(self, phase: str, index: int, qmodel: QuantizedModel,
-                  report: QuantizationReport, generators: RunGenerators) -> None:
+                  report: QuantizationReport, generators: RunGenerators,
+                  budget_spent: float = 0.0) -> None:
+        """Record a finished unit pass (and, with a time budget, the seconds spent so far)."""
         self.done.append(f"{phase}:{index}")
         # Every rank takes part, even without a directory, so that no rank waits for the others.
         drop_states = self.dist.gather_objects(generators.drops.get_state())
@@ -129,6 +134,7 @@ class RunCheckpoint:
             "report_units": [asdict(u) for u in report.units],
             "generator": generators.batches.get_state(),
             "drop_generators": drop_states,
+            "budget_spent": budget_spent,
         }
         atomic_torch_save(payload, self.path)
 
@@ -156,6 +162,7 @@ class RunCheckpoint:
                 "masks will differ from an uninterrupted run", len(drop_states), self.dist.world_size)
         generators.drops.set_state(drop_states[self.dist.rank % len(drop_states)])
         self.done = list(payload["done"])
+        self.budget_spent = float(payload.get("budget_spent", 0.0))
         logger.info("resumed from %s: %d steps already done", self.path, len(self.done))
 
     def finish(self) -> None:

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..runtime import capture_graph, run_on_side_stream
+from .early_stop import HoldoutStop
 from .objective import Objective, UnitObjective
 from .step import LoopOptions, LossMonitor, UnitStep, UnitTask, make_optimizers
 
@@ -27,10 +28,14 @@ GRAPH_WARMUP_STEPS = 3
 
 def _run_steps(step: UnitStep, bar: tqdm, advance: Callable[[int], None] | None = None) -> int:
     """Up to `schedule.iters` steps, each by `advance(step number)` (default: zero the gradients
-    and call the step); stops early when the step-size pass converged. Returns the steps run."""
+    and call the step); stops early when the step-size pass converged, or where held-out early
+    stopping ends it (`early_stop.HoldoutStop`). Returns the steps run."""
     monitor = LossMonitor(step.task, step.window, bar)
-    iters = step.task.schedule.iters
-    for done in range(1, iters + 1):
+    patience = step.task.options.holdout_patience
+    holdout = HoldoutStop(step, patience) if patience and step.task.holdout else None
+    end, done = step.task.schedule.iters, 0
+    while done < end:
+        done += 1
         if advance is None:
             step.zero_grad()
             step()
@@ -39,7 +44,9 @@ def _run_steps(step: UnitStep, bar: tqdm, advance: Callable[[int], None] | None 
         bar.update(1)
         if monitor.converged(done):
             return done
-    return iters
+        if holdout is not None:
+            end = holdout.end_after(done, end)
+    return end
 
 
 def run_plain(task: UnitTask, bar: tqdm) -> int:

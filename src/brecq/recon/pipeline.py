@@ -4,10 +4,14 @@ BRECQ runs two passes over the units: learned rounding with activations off, the
 step sizes with everything on. QDrop runs one pass that learns both, dropping quantization of
 activations at random. `rtn` stops after initializing scales (round-to-nearest baseline).
 Each method's phases are its entry in `brecq.methods.METHOD_REGISTRY`.
+With a time budget (`recon/budget.py`) every unit's iterations are planned from measured step
+times before it runs; with held-out early stopping (`recon/early_stop.py`) a unit's pass may
+end early. This module only sequences them.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -28,6 +32,7 @@ from ..graph.reparam import layernorm_reparameterized
 from ..methods import METHOD_REGISTRY, Phase
 from ..quant import state
 from ..runtime import CachePlacement, resolve_device
+from .budget import TimeBudget, WorkKey
 from .cache import FP_IN, FP_OUT, Q_IN
 from .capture import calibration_tensor, capture, capture_fisher, float_logits
 from .checkpoint import RunCheckpoint, RunGenerators
@@ -66,56 +71,93 @@ def _reconstruct_pass(
     qmodel: QuantizedModel, data: Tensor, config: BrecqConfig, device: torch.device,
     placement: CachePlacement, report: QuantizationReport, *, phase: Phase,
     fp_logits: Tensor | None, generators: RunGenerators, checkpoint: RunCheckpoint,
-    dist: DistContext, run_progress: progress.RunProgress,
+    dist: DistContext, run_progress: progress.RunProgress, budget: TimeBudget | None = None,
 ) -> None:
     schedule = Schedule.for_phase(config.recipe, phase)
     options = LoopOptions(autocast=config.autocast, compile=config.compile, early_stop=config.early_stop,
-                          channels_last=config.channels_last, cuda_graph=config.cuda_graph)
+                          channels_last=config.channels_last, cuda_graph=config.cuda_graph,
+                          holdout_patience=config.holdout_patience)
     for k, unit in enumerate(qmodel.units):
         if checkpoint.is_done(phase.name, k):
             continue
         started = time.perf_counter()
-        try:
-            result = _reconstruct_unit(
-                qmodel, unit, k, data, device, placement, phase=phase, schedule=schedule,
-                options=options, fp_logits=fp_logits, generators=generators, dist=dist,
-                fisher_floor=config.fisher_floor,
-            )
-        except torch.OutOfMemoryError as exc:
-            raise ReconstructionError(
-                f"out of memory while reconstructing unit {unit.name!r} ({phase.name}): lower "
-                f"--batch-size (now {config.batch_size}), keep the cache on the host with "
-                f"--cache-device cpu, or use fewer --calib-size samples; "
-                f"{checkpoint.resume_hint()}"
-            ) from exc
+        key = (phase.name, k)
+        plan = None if budget is None else functools.partial(_budget_plan, budget, key, started, dist)
+        if plan is not None and _agreed(dist, budget.plan(key)) == 0:
+            # Out of time: the unit keeps what it has (no capture; losses not measured).
+            result = UnitResult(float("nan"), float("nan"), 0)
+        else:
+            try:
+                result = _reconstruct_unit(
+                    qmodel, unit, k, data, device, placement, phase=phase, schedule=schedule,
+                    options=options, fp_logits=fp_logits, generators=generators, dist=dist,
+                    fisher_floor=config.fisher_floor, plan=plan,
+                )
+            except torch.OutOfMemoryError as exc:
+                raise ReconstructionError(
+                    f"out of memory while reconstructing unit {unit.name!r} ({phase.name}): lower "
+                    f"--batch-size (now {config.batch_size}), keep the cache on the host with "
+                    f"--cache-device cpu, or use fewer --calib-size samples; "
+                    f"{checkpoint.resume_hint()}"
+                ) from exc
         unit_report = UnitReport(unit.name, unit.kind, phase.name, len(unit.layers),
                                  _unit_params(qmodel, unit), result.loss_before,
                                  result.loss_after, time.perf_counter() - started,
-                                 result.iterations)
+                                 result.iterations, _note(budget, result))
         report.units.append(unit_report)
-        first = run_progress.done == 0
-        run_progress.add(schedule.iters, unit_report.seconds)
-        if dist.is_main:
-            peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
-                    if device.type == "cuda" else "")
-            left = run_progress.left()
-            progress.unit_logger.info(
-                "%s unit %d/%d %s: loss %.5g -> %.5g (%d iterations, %.1fs%s)%s", phase.name,
-                k + 1,
-                len(qmodel.units), unit.name, result.loss_before, result.loss_after,
-                result.iterations, unit_report.seconds, peak,
-                f"; about {progress.minutes(left)} left" if left else "")
-            if first and left:
-                progress.logger.info("Time estimate after the first unit: about %s more",
-                                     progress.minutes(left))
-        checkpoint.mark_done(phase.name, k, qmodel, report, generators)
+        if budget is not None:
+            budget.finish(key, result.iterations, unit_report.seconds, result.seconds_per_iteration)
+        _log_unit(qmodel, k, unit_report, schedule.iters, run_progress, device, dist,
+                  budget.left() if budget is not None else None)
+        checkpoint.mark_done(phase.name, k, qmodel, report, generators,
+                             budget_spent=budget.spent() if budget is not None else 0.0)
+
+
+def _note(budget: TimeBudget | None, result: UnitResult) -> str:
+    out_of_time = budget is not None and budget.out_of_time and result.iterations == 0
+    return "round-to-nearest: out of time" if out_of_time else ""
+
+
+def _agreed(dist: DistContext, count: int) -> int:
+    """Rank 0's count on every rank (their clocks differ; their iteration counts may not)."""
+    return int(dist.sum_values([count if dist.is_main else 0])[0]) if dist.distributed else count
+
+
+def _budget_plan(budget: TimeBudget, key: WorkKey, started: float, dist: DistContext,
+                 seconds_per_iteration: float) -> int:
+    """Iterations of pass `key` after its probe (`optimize_unit`'s `plan`)."""
+    return _agreed(dist, budget.plan(key, seconds_per_iteration, time.perf_counter() - started))
+
+
+def _log_unit(qmodel: QuantizedModel, k: int, unit_report: UnitReport, iters: int,
+              run_progress: progress.RunProgress, device: torch.device,
+              dist: DistContext, budget_left: float | None = None) -> None:
+    """Count a finished unit's iterations and log its line (and, after the first, the time
+    estimate: at most what a time budget leaves)."""
+    first = run_progress.done == 0
+    run_progress.add(iters, unit_report.seconds)
+    if not dist.is_main:
+        return
+    peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
+            if device.type == "cuda" else "")
+    left = run_progress.left()
+    if left and budget_left is not None:
+        left = min(left, budget_left)
+    progress.unit_logger.info(
+        "%s unit %d/%d %s: loss %.5g -> %.5g (%d iterations, %.1fs%s)%s", unit_report.phase,
+        k + 1, len(qmodel.units), unit_report.name, unit_report.loss_before,
+        unit_report.loss_after, unit_report.iterations, unit_report.seconds, peak,
+        f"; about {progress.minutes(left)} left" if left else "")
+    if first and left:
+        progress.logger.info("Time estimate after the first unit: about %s more",
+                             progress.minutes(left))
 
 
 def _reconstruct_unit(
     qmodel: QuantizedModel, unit: Unit, k: int, data: Tensor, device: torch.device,
     placement: CachePlacement, *, phase: Phase, schedule: Schedule, options: LoopOptions,
     fp_logits: Tensor | None, generators: RunGenerators, dist: DistContext,
-    fisher_floor: float = 0.0,
+    fisher_floor: float = 0.0, plan: Callable[[float], int] | None = None,
 ) -> UnitResult:
     acts_on = phase.learns_acts
     cache = placement.new_cache(device)
@@ -138,7 +180,7 @@ def _reconstruct_unit(
             return optimize_unit(
                 unit.module, cache, weight_qs, act_qs, schedule, generators.batches,
                 description=f"{phase.name[:1]} {k + 1}/{len(qmodel.units)} {unit.name}",
-                options=options, dist=dist, drop_generator=generators.drops,
+                options=options, dist=dist, drop_generator=generators.drops, plan=plan,
             )
     finally:
         cache.clear()
@@ -204,15 +246,70 @@ def quantize(
         checkpoint.restore(qmodel, report, generators)
     dist.check_identical(qmodel.state_dict(), "model weights",
                          "load the same model and weights on every rank")
-    run = _Run(qmodel, data, config, device, placement, report, checkpoint, dist, generators)
+    budget = _time_budget(qmodel, config, checkpoint, started, data[:config.batch_size], device)
+    run = _Run(qmodel, data, config, device, placement, report, checkpoint, dist, generators,
+               budget)
     run.all_passes()
     dist.check_identical(
         qmodel.state_dict(), "quantization parameters",
         "run the same brecq version, model and config on the same kind of device everywhere",
     )
     report.recon_seconds = time.perf_counter() - started
+    report.time_budget = budget.summary() if budget is not None else None
     checkpoint.finish()
     return qmodel, report
+
+
+def _time_budget(qmodel: QuantizedModel, config: BrecqConfig, checkpoint: RunCheckpoint,
+                 started: float, batch: Tensor, device: torch.device) -> TimeBudget | None:
+    """The run's `TimeBudget` (None without `time_budget`): its clock started at `started`,
+    less what the run it resumes spent, and the passes left."""
+    if config.time_budget is None:
+        return None
+    phases = METHOD_REGISTRY[config.method].phases_run(bool(qmodel.act_quantizers))
+    queue = [((p.name, k), config.recipe.iterations(p) if p.optimizes else 0)
+             for p in phases for k in (range(len(qmodel.units)) if p.optimizes else (0,))
+             if not checkpoint.is_done(p.name, k)]
+    budget = TimeBudget(config.time_budget, queue, spent_before=checkpoint.budget_spent,
+                        started=started)
+    budget.unit_weights = _unit_forward_seconds(qmodel, batch, device)
+    progress.logger.info("Time budget: %.0fs (%.0fs left); iterations per unit follow from"
+                         " measured step times", budget.seconds, budget.left())
+    return budget
+
+
+@torch.no_grad()
+def _unit_forward_seconds(qmodel: QuantizedModel, batch: Tensor,
+                          device: torch.device) -> dict[int, float]:
+    """How much a step of each unit costs against another's: its forward seconds on one
+    mini-batch (the second of two passes: the first pays one-off costs) plus their mean, for
+    the share of a step that does not grow with the unit (optimizer, schedule, overheads)."""
+    seconds: dict[int, float] = {}
+    began: dict[int, float] = {}
+
+    def clock() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def enter(k: int) -> Callable:
+        return lambda *_: began.__setitem__(k, clock())
+
+    def leave(k: int) -> Callable:
+        return lambda *_: seconds.__setitem__(k, clock() - began[k])
+
+    handles = [h for k, unit in enumerate(qmodel.units)
+               for h in (unit.module.register_forward_pre_hook(enter(k)),
+                         unit.module.register_forward_hook(leave(k)))]
+    try:
+        with qmodel.quantization(weights=True, acts=False):
+            for _ in range(2):
+                qmodel(batch.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    mean = sum(seconds.values()) / max(1, len(seconds))
+    return {k: value + mean for k, value in seconds.items()}
 
 
 def _runtime(config: BrecqConfig) -> tuple[torch.device, CachePlacement, DistContext]:
@@ -260,6 +357,7 @@ class _Run:
     checkpoint: RunCheckpoint
     dist: DistContext
     generators: RunGenerators
+    budget: TimeBudget | None = None
 
     def all_passes(self) -> None:
         config, qmodel = self.config, self.qmodel
@@ -275,12 +373,18 @@ class _Run:
     def initialize_activations(self, phase: Phase) -> None:
         """Initialize activation scales once (a resumed run has them from its checkpoint)."""
         if not self.checkpoint.is_done(phase.name, 0):
+            started = time.perf_counter()
             initialize_activations(self.qmodel, self.data, self.config, self.device, self.dist)
-            self.checkpoint.mark_done(phase.name, 0, self.qmodel, self.report, self.generators)
+            spent = 0.0
+            if self.budget is not None:
+                self.budget.finish((phase.name, 0), 0, time.perf_counter() - started, None)
+                spent = self.budget.spent()
+            self.checkpoint.mark_done(phase.name, 0, self.qmodel, self.report, self.generators,
+                                      budget_spent=spent)
 
     def reconstruct(self, phase: Phase, fp_logits: Tensor | None,
                     run_progress: progress.RunProgress) -> None:
         _reconstruct_pass(self.qmodel, self.data, self.config, self.device, self.placement,
                           self.report, phase=phase, fp_logits=fp_logits,
                           generators=self.generators, checkpoint=self.checkpoint,
-                          dist=self.dist, run_progress=run_progress)
+                          dist=self.dist, run_progress=run_progress, budget=self.budget)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 
@@ -23,6 +24,7 @@ class UnitReport:
     loss_after: float
     seconds: float
     iterations: int = 0
+    note: str = ""  # e.g. why a pass did not run under a time budget
 
 
 @dataclass
@@ -32,14 +34,20 @@ class QuantizationReport:
     recon_seconds: float = 0.0
     device: str = ""
     world_size: int = 1
+    # With a time budget: {"seconds": the budget, "spent": seconds used, "out_of_time": whether
+    # some passes fell back to round-to-nearest}.
+    time_budget: dict | None = None
 
     def to_dict(self) -> dict:
         return {
             "config": self.config,
             "device": self.device,
             "world_size": self.world_size,
-            "units": [asdict(u) for u in self.units],
+            # A pass a time budget left out has no losses: null, not NaN (which JSON lacks).
+            "units": [{k: None if isinstance(v, float) and math.isnan(v) else v
+                       for k, v in asdict(u).items()} for u in self.units],
             "recon_seconds": self.recon_seconds,
+            "time_budget": self.time_budget,
         }
 
     def summary(self) -> str:
@@ -51,8 +59,13 @@ class QuantizationReport:
         name = self.config.get("method")
         method = METHOD_REGISTRY[name].title if name in METHOD_REGISTRY else name
         bits = f"W{self.config.get('weight_bits')}A{self.config.get('act_bits') or 32}"
-        return (f"{method} {bits}: {len(self.units)} unit passes in {self.recon_seconds:.1f}s on "
-                f"{self.device or '?'}\n{table}")
+        budget = ""
+        if self.time_budget is not None:
+            budget = f" (time budget {self.time_budget['seconds']:.0f}s"
+            budget += ", out of time: round-to-nearest for the rest)" if self.time_budget[
+                "out_of_time"] else ")"
+        return (f"{method} {bits}: {len(self.units)} unit passes in {self.recon_seconds:.1f}s"
+                f"{budget} on {self.device or '?'}\n{table}")
 
     def __str__(self) -> str:
         return self.summary()

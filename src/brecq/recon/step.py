@@ -74,6 +74,7 @@ class LoopOptions:
     autocast: str = "none"
     compile: bool = False
     early_stop: float = 0.0  # step-size-only passes: stop when a window improves less than this
+    holdout_patience: int = 0  # checks of the held-out error without improvement (0: off)
     channels_last: bool = False  # 4-D batches in NHWC layout (faster convolutions on some devices)
     cuda_graph: bool = True  # on CUDA: replay each step from a captured CUDA graph
 
@@ -91,6 +92,7 @@ class UnitTask:
     generator: torch.Generator  # mini-batch indices (the same on every rank)
     drop_generator: torch.Generator | None  # QDrop masks (one stream per rank)
     description: str
+    holdout: int = 0  # the last samples of the cache, held out for early stopping (never drawn)
 
     def check(self, local_value: float, step: int, bar: tqdm) -> float:
         """The loss summed over ranks; raises if it is not finite."""
@@ -171,7 +173,7 @@ class StepTables:
     @classmethod
     def draw(cls, task: UnitTask) -> StepTables:
         schedule, objective = task.schedule, task.objective
-        count, device = objective.num_samples, objective.device
+        count, device = objective.num_samples - task.holdout, objective.device
         # One draw for the whole unit: no host-to-device copy per step.
         indices = torch.randint(count, (schedule.iters, min(schedule.batch_size, count)),
                                 generator=task.generator).to(objective.index_device)
