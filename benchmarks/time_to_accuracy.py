@@ -154,7 +154,11 @@ def run_one(model: torch.nn.Module, calib: torch.Tensor, val: tuple[torch.Tensor
              config.method_summary())
     load_start = list(os.getloadavg())
     started = time.perf_counter()
+    # CPU seconds of this process: on a shared machine they show the work a run did, where its
+    # wall seconds also count the time other processes held the cores.
+    cpu_started = time.process_time()
     qmodel, report = quantize(model, calib, config)
+    quantize_cpu_seconds = time.process_time() - cpu_started
     res = evaluate(qmodel, val, torch.device(report.device), batch_size=500, progress=False,
                    desc=f"{cell['bits']} {budget}")
     return {
@@ -163,6 +167,7 @@ def run_one(model: torch.nn.Module, calib: torch.Tensor, val: tuple[torch.Tensor
         "resolved": {k: getattr(run, k) for k in ("method", "weight_lr", "act_lr", "round_lambda")},
         "top1": res["top1"], "top5": res["top5"], "eval_count": res["count"],
         "recon_seconds": report.recon_seconds, "seconds": time.perf_counter() - started,
+        "quantize_cpu_seconds": quantize_cpu_seconds,
         "device": report.device, "peak_rss_mb": common.peak_rss_mb(), "machine": machine_info(),
         "load_average_start": load_start, "load_average_end": list(os.getloadavg()),
         "units": [{"name": u.name, "phase": u.phase, "iterations": u.iterations,
@@ -285,18 +290,23 @@ def write_markdown(records: list[dict[str, Any]], path: Path) -> None:
              " run, whose iterations per unit the library scales down from the cell's"
              " `iters` to what fits on the machine). Source `{MEASURED}`: runs of"
              " time_to_accuracy.py; a file name: accuracy.py runs of the same recipe copied with"
-             " `--import-jsonl`. Load average: the 1-minute figure at the start of each run.", "",
+             " `--import-jsonl`. Load average: the 1-minute figure at the start of each run; above"
+             " about 2 other processes shared the 2 cores and stretched the wall seconds. CPU s:"
+             " the run's own CPU seconds for the whole `quantize` call (1 thread), where recorded.",
+             "",
              "| cell | source | budget | seeds | top-1 mean | min | max | recon s mean"
-             " | load avg |", "|---|---|---|---|---|---|---|---|---|"]
+             " | CPU s | load avg |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (label, source, budget), runs in groups.items():
         tops = [r["top1"] for r in runs]
         loads = [r["load_average_start"][0] for r in runs if "load_average_start" in r]
         load = f"{statistics.fmean(loads):.2f}" if loads else ""
         seeds = ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
         recon = statistics.fmean(r["recon_seconds"] for r in runs)
+        cpus = [r["quantize_cpu_seconds"] for r in runs if "quantize_cpu_seconds" in r]
+        cpu = f"{statistics.fmean(cpus):,.0f}" if len(cpus) == len(runs) else ""
         shown = budget_text(runs[0]["cell"], budget)
         lines.append(f"| {label} | {source} | {shown} | {seeds} | {statistics.fmean(tops):.2f}"
-                     f" | {min(tops):.2f} | {max(tops):.2f} | {recon:,.0f} | {load} |")
+                     f" | {min(tops):.2f} | {max(tops):.2f} | {recon:,.0f} | {cpu} | {load} |")
     cells = sorted({(r["cell"]["model"], r["cell"]["bits"]) for r in records})
     refs = [(model, bits, *ref) for model, bits in cells for ref in _references(model, bits)]
     if refs:
