@@ -235,3 +235,23 @@ def test_config_fields_round_trip_and_are_checked():
     args = build_parser().parse_args(["quantize", "--softmax-quantizer", "uniform",
                                       "--no-quantize-matmul-inputs", "--quantize-residual-adds"])
     assert config_from_args(args) == config
+
+
+class EinsumAttention(nn.Module):
+    """Attention written with einsum, bmm and an nn.Softmax module."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+        self.softmax = nn.Softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = torch.einsum("bid,bjd->bij", self.q(x), self.k(x))
+        return self.out(torch.bmm(self.softmax(scores), self.v(x)))
+
+
+def test_einsum_bmm_and_softmax_module_are_recognized():
+    qmodel = prepare(EinsumAttention().eval(), BrecqConfig(backend="none"), (torch.randn(2, 6, 16),))
+    kinds = sorted(q.kind for q in qmodel.act_quantizers.values())
+    assert kinds == ["linear input", "matmul input", "matmul input", "matmul input", "softmax output"]
+    assert sum(isinstance(q, Log2Quantizer) for q in qmodel.act_quantizers.values()) == 1
