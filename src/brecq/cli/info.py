@@ -78,11 +78,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"Method: {config.method_summary()}")
     print(f"First layers: {', '.join(qmodel.first_layers) or '-'}")
     print(f"Last layers:  {', '.join(qmodel.last_layers) or '-'}")
-    print(f"{len(rows)} reconstruction units:")
-    print(qmodel.describe())
     if qmodel.act_quantizers:
         print("Quantized activations by kind: " + ", ".join(
             f"{kind} {count}" for kind, count in act_kind_counts(qmodel).items()))
+    print(f"{len(rows)} reconstruction units:")
+    print(qmodel.describe())
     if args.layers:
         print("Layers:")
         for unit in qmodel.units:
