@@ -255,3 +255,16 @@ def test_einsum_bmm_and_softmax_module_are_recognized():
     kinds = sorted(q.kind for q in qmodel.act_quantizers.values())
     assert kinds == ["linear input", "matmul input", "matmul input", "matmul input", "softmax output"]
     assert sum(isinstance(q, Log2Quantizer) for q in qmodel.act_quantizers.values()) == 1
+
+
+def test_saved_vit_loads_back_bit_exactly(tmp_path):
+    from brecq import load_quantized, save_quantized
+
+    model, x = tiny_vit(), torch.randn(8, 3, 32, 32)
+    config = BrecqConfig(weight_bits=4, act_bits=4, method="rtn", **TINY)
+    qmodel, _ = quantize(model, x, config)
+    save_quantized(qmodel, tmp_path, config=config, example_input=x[:1])
+    loaded = load_quantized(tiny_vit(), tmp_path)
+    assert sum(isinstance(q, Log2Quantizer) for q in loaded.act_quantizers.values()) == 2
+    with torch.no_grad():
+        assert torch.equal(qmodel(x), loaded(x))

@@ -1,6 +1,7 @@
 """Preparing a model on its torch.fx graph: one activation quantizer on every tensor that a
-quantized layer reads, right at the tensor's producer, so every consumer (residual adds
-included) sees the same quantized value; units follow the data flow and run as sub-graphs."""
+quantized layer reads (and on both inputs of activation matmuls, see `placement`), right at the
+tensor's producer, so every consumer (residual adds included) sees the same quantized value;
+units follow the data flow and run as sub-graphs."""
 
 from __future__ import annotations
 
@@ -276,7 +277,7 @@ def _act_quantizer(gm: fx.GraphModule, producer: fx.Node, point_kind: str | None
     kinds = {input_kind(layer) for layer in readers}
     layer_kind = kinds.pop() if len(kinds) == 1 else "layer input" if kinds else None
     kind = tensor_kind(producer, gm, layer_kind, point_kind)
-    if kind == SOFTMAX_OUTPUT and point_kind == SOFTMAX_OUTPUT and config.softmax_quantizer == "log2":
+    if point_kind == SOFTMAX_OUTPUT and config.softmax_quantizer == "log2":
         return Log2Quantizer(bits, kind=kind)
     return ActQuantizer(bits, symmetric=config.act_symmetric, kind=kind)
 
