@@ -163,3 +163,52 @@ def test_bias_codes_saturate_inside_int32():
     codes = P.bias_to_int(torch.tensor([1e12, -1e12]), torch.tensor(1e-3))
     assert torch.equal(codes.to(torch.int32).to(torch.float32), codes)  # no overflow on the cast
     assert codes[0] > 2.1e9 and codes[1] < -2.1e9
+
+
+# ----------------------------------------------------------------------------- log2 quantizer
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_log2_codes_are_powers_of_two_of_the_scale_or_zero(bits):
+    x = torch.softmax(torch.randn(64, 17) * 3, dim=-1)
+    scale = torch.tensor(0.8)
+    xq = P.log2_fake_quant(x, scale, bits)
+    levels = P.log2_levels(bits)
+    k = -torch.log2(xq[xq > 0] / scale)
+    assert torch.allclose(k, k.round(), atol=1e-5)
+    assert k.min() >= 0 and k.max() <= levels - 1
+    # Rounding in the log domain: each nonzero value is within a factor sqrt(2) of its input.
+    kept = (xq > 0) & (x <= scale)
+    ratio = xq[kept] / x[kept]
+    assert (ratio <= 2**0.5 + 1e-5).all() and (ratio >= 2**-0.5 - 1e-5).all()
+    assert (xq[x > scale] == scale).all()  # clipped above
+
+
+def test_log2_zero_and_tiny_values_take_the_zero_code():
+    scale = torch.tensor(1.0)
+    x = torch.tensor([0.0, 2.0**-20, 2.0**-14, 2.0**-13, 1.0, -0.5])
+    xq = P.log2_fake_quant(x, scale, 4)  # 15 powers: 2^0 .. 2^-14, then exactly 0
+    assert xq.tolist() == [0.0, 0.0, 2.0**-14, 2.0**-13, 1.0, 0.0]
+
+
+def test_log2_gradients_pass_straight_through_and_reach_the_scale():
+    x = torch.tensor([0.3, 0.05, 2.0], requires_grad=True)
+    scale = torch.tensor(1.0, requires_grad=True)
+    xq = P.log2_fake_quant(x, scale, 4)
+    xq.sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 0.0]  # inside the range straight through, clipped: none
+    v = x.detach().clamp(max=1.0)
+    expected = (xq.detach() / scale.detach() - v).sum()  # LSQ: Q(v) - v, and 1 for the clipped
+    assert scale.grad.item() == pytest.approx(expected.item() + 1.0, abs=1e-6)
+    assert torch.isfinite(P.log2_fake_quant(torch.zeros(3, requires_grad=True), scale, 4)).all()
+
+
+def test_log2_scale_search_beats_the_maximum_in_lp_error():
+    torch.manual_seed(0)
+    x = torch.softmax(torch.randn(256, 32) * 2, dim=-1)
+    best = P.search_log2_scale(x, 4, method="lp")
+    top = P.search_log2_scale(x, 4, method="minmax")
+    assert top == x.max()
+    err = lambda s: (P.log2_fake_quant(x, s, 4) - x).abs().pow(2.4).sum()  # noqa: E731
+    assert err(best) <= err(top)
+    assert 0.2 * x.max() <= best <= x.max()

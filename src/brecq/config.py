@@ -34,6 +34,10 @@ AUTOCASTS = ("none", "bf16", "fp16", "tf32")
 # input, every layer output, residual add inputs/outputs, pooling and concat inputs); "none" puts
 # them only on the tensors quantized layers read (the research placement of the papers).
 BACKENDS = ("onnxruntime", "none")
+# The quantizer of attention probabilities (softmax outputs read by a matmul): "log2" codes a
+# value in [0, 1] as scale * 2^-k (RepQ-ViT, FQ-ViT), which keeps the many small
+# probabilities apart; "uniform" is the affine activation quantizer every other tensor gets.
+SOFTMAX_QUANTIZERS = ("log2", "uniform")
 
 
 # The three layers of a config, as typed views of its flat fields: each BrecqConfig field is in
@@ -59,6 +63,9 @@ class QuantScheme:
     act_symmetric: bool
     backend: str
     integer_bias: bool
+    quantize_matmul_inputs: bool
+    softmax_quantizer: str
+    quantize_residual_adds: bool
     scale_search: str
     lp_norm: float
     layernorm_reparam: bool
@@ -235,6 +242,19 @@ class BrecqConfig:
         " activation on the int32 grid (input step x weight step) that integer"
         " kernels use, so that a deployed int8 model (e.g. onnxruntime) computes"
         " what the fake-quantized one does",
+    )
+    quantize_matmul_inputs: bool = flag_field(
+        True, "--quantize-matmul-inputs", "quantize both inputs of every matmul between two"
+        " activations (attention's Q.K^T and probabilities.V) at --a-bits; the softmax"
+        " output that feeds one gets --softmax-quantizer",
+    )
+    softmax_quantizer: str = flag_field(
+        "log2", "--softmax-quantizer", "quantizer of attention probabilities: log2 (scale *"
+        " 2^-k, as RepQ-ViT/FQ-ViT) or uniform", choices=SOFTMAX_QUANTIZERS,
+    )
+    quantize_residual_adds: bool = flag_field(
+        False, "--quantize-residual-adds", "with --backend none: also quantize both inputs"
+        " of every add of two activations (residual adds; --backend onnxruntime always does)",
     )
     scale_search: str = flag_field(
         "lp", "--scale-search", "initial scales: lp (Lp-error clip search) or minmax",

@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import Counter
 from typing import Any
 
 import torch
 
 from ..demo import DemoResNet
+from ..graph.model import QuantizedModel
 from ..graph.prepare import prepare
 from ..progress import logger as progress_log
+from ..quant.quantizers import Log2Quantizer
 from . import common
 from .flags import add_config_arguments, config_from_args, help_group, parse_floats, parse_int, parse_ints
 
@@ -31,8 +34,10 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     pre.add_argument("--mean", type=parse_floats, metavar="M,M,M", help="normalization mean")
     pre.add_argument("--std", type=parse_floats, metavar="S,S,S", help="normalization std")
     pre.add_argument("--interpolation", help=argparse.SUPPRESS)
-    help_group(parser, "output").add_argument("--layers", action="store_true",
-                                              help="also list every layer with its bits")
+    help_group(parser, "output").add_argument(
+        "--layers", action="store_true",
+        help="also list every layer, and every quantized activation tensor with its kind, with"
+        " their bits")
     add_config_arguments(parser)
     return parser
 
@@ -73,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"Method: {config.method_summary()}")
     print(f"First layers: {', '.join(qmodel.first_layers) or '-'}")
     print(f"Last layers:  {', '.join(qmodel.last_layers) or '-'}")
+    if qmodel.act_quantizers:
+        print("Quantized activations by kind: " + ", ".join(
+            f"{kind} {count}" for kind, count in act_kind_counts(qmodel).items()))
     print(f"{len(rows)} reconstruction units:")
     print(qmodel.describe())
     if args.layers:
@@ -80,4 +88,15 @@ def run(args: argparse.Namespace) -> int:
         for unit in qmodel.units:
             for layer in unit.layers:
                 print(f"  {layer:40s} {qmodel.layer_bits(layer)} bits  unit {unit.name}")
+        if qmodel.act_quantizers:
+            print("Quantized activations:")
+            for name, quantizer in qmodel.act_quantizers.items():
+                grid = "log2" if isinstance(quantizer, Log2Quantizer) else "uniform"
+                print(f"  {name:40s} {quantizer.bits} bits {grid:7s}  {quantizer.kind}")
     return 0
+
+
+def act_kind_counts(qmodel: QuantizedModel) -> dict[str, int]:
+    """How many activation quantizers `qmodel` has of each kind, most frequent first."""
+    counts = Counter(q.kind for q in qmodel.act_quantizers.values())
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))

@@ -17,7 +17,10 @@ storage a Clip to [(qmin - zp) * scale, (qmax - zp) * scale] precedes the Quanti
 ends are exact multiples of the scale, so clipping the float value and then rounding gives the
 same code as PyTorch's round-then-clamp: the QDQ graph reproduces the fake-quantized values
 of an A4 quantizer (codes 0..15 inside a uint8) element by element. Quantization itself is
-bit-exact (both round half to even and compute x / scale).
+bit-exact (both round half to even and compute x / scale). A log2 quantizer (attention
+probabilities, `softmax_quantizer="log2"`) has no QuantizeLinear form: it stays its float
+computation, scale * 2^-round(-log2(x / scale)), whose codes agree with PyTorch's except where
+onnxruntime's log lands on the other side of a rounding boundary by a float rounding error.
 
 Biases of layers that read a quantized activation are, with `integer_bias` (the default), on
 the int32 grid in_scale * weight_scale in PyTorch already, and are exported as int32 codes
@@ -50,7 +53,7 @@ from ..fileio import atomic_write_bytes
 from ..graph.model import QuantizedModel
 from ..quant import primitives as P
 from ..quant.modules import QuantizedWeights
-from ..quant.quantizers import ActQuantizer, BiasQuantizer, WeightQuantizer
+from ..quant.quantizers import ActQuantizer, BiasQuantizer, Log2Quantizer, WeightQuantizer
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +219,11 @@ def qdq_network(qmodel: QuantizedModel, *, int4_weights: bool = False) -> nn.Mod
                 if not bool(child.initialized):
                     raise ModelError(f"activation quantizer {name!r} has no scale yet: export "
                                      "the model returned by brecq.quantize or load_quantized")
+                if isinstance(child, Log2Quantizer):
+                    # No QuantizeLinear codes powers of two: the copy keeps computing
+                    # scale * 2^-k in float (Log, Round, Pow, Where nodes in the graph).
+                    child.set_drop(0.0)
+                    continue
                 setattr(parent, name, _ActQDQ(child))
     for part in net.modules():
         if isinstance(part, QuantizedModel):

@@ -56,6 +56,15 @@ def is_quantizable(module: nn.Module) -> bool:
     return isinstance(module, WEIGHT_LAYERS)
 
 
+def input_kind(layer: nn.Module) -> str:
+    """The kind of a tensor `layer` (quantized or not) reads, for reports: "linear input",
+    "conv input" or "attention input"."""
+    layer = getattr(layer, "layer", layer)  # a QuantLayer's or InputQuantized's float layer
+    if isinstance(layer, (nn.MultiheadAttention, QuantMultiheadAttention)):
+        return "attention input"
+    return "linear input" if isinstance(layer, nn.Linear) else "conv input"
+
+
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     parent_name, _, attr = path.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, attr, module)
@@ -167,7 +176,8 @@ class LayerBits:
         if bits is None:
             set_submodule(root, name, layer)
             return
-        wrapped = InputQuantized(layer, ActQuantizer(bits, symmetric=self.config.act_symmetric))
+        wrapped = InputQuantized(layer, ActQuantizer(bits, symmetric=self.config.act_symmetric,
+                                                     kind=input_kind(layer)))
         if self.config.integer_bias and isinstance(layer, QuantLayer):
             layer.quantize_bias(wrapped.input_quantizer)
         act_quantizers[name] = wrapped.input_quantizer

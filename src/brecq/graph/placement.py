@@ -24,12 +24,27 @@ onnxruntime equal scales on both sides, so it drops the Q/DQ pair and moves int8
 `prepare` gives the tensors no quantized layer reads 8 bits (int8 is what onnxruntime stores and
 adds them in); `act_bits` stays the width of what the layers multiply.
 
+Transformers (any backend): both inputs of every matmul between two activations (attention's
+Q.K^T and probabilities.V, `quantize_matmul_inputs`) get a quantizer of `act_bits`, since a
+matmul multiplies them as a layer does. The point is the matmul input itself, not the tensor it
+moves values from: Q, K and V usually come out of one qkv Linear through reshape / permute /
+unbind, and a quantizer at the Linear's output would give all three one scale (and, with
+backend onnxruntime, the 8 bits of a layer output). Two exceptions keep one rounding per value:
+a softmax output (through dropout) is quantized at the softmax, with the quantizer
+`softmax_quantizer` chooses; and a tensor that layers read is already quantized at `act_bits`.
+With `quantize_residual_adds`, backend "none" also quantizes both inputs of adds of two
+activations, as backend onnxruntime does.
+
+Every quantized tensor has a kind ("linear input", "matmul input", "softmax output",
+"layernorm output", "gelu output", ...) for `brecq info`: `tensor_kind`.
+
 Ops are recognized by their type or function (a table of operations, not of architectures).
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable
 
 import torch
 import torch.fx as fx
@@ -62,6 +77,18 @@ _POOL_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _CONCAT_FUNCTIONS = {torch.cat, torch.concat}
+
+_MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm}
+_MATMUL_METHODS = {"matmul", "bmm"}
+_SOFTMAX = ((nn.Softmax,), {F.softmax, torch.softmax}, {"softmax"})
+_LAYERNORM = ((nn.LayerNorm, nn.GroupNorm, nn.RMSNorm), {F.layer_norm, F.group_norm, F.rms_norm},
+              set())
+_GELU = ((nn.GELU,), {F.gelu}, set())
+
+# Kinds of quantized tensors (`tensor_kind`).
+MATMUL_INPUT = "matmul input"
+SOFTMAX_OUTPUT = "softmax output"
+RESIDUAL_ADD_INPUT = "residual add input"
 
 
 def _is_tensor(node: object) -> bool:
@@ -110,17 +137,93 @@ def _output_point(node: fx.Node, gm: fx.GraphModule) -> fx.Node:
     return node
 
 
+def value_source(node: fx.Node, gm: fx.GraphModule) -> fx.Node:
+    """The node whose values `node` holds: `node` itself, or through ops that move values."""
+    while moves_values(node, gm) and _tensor_inputs(node):
+        node = _tensor_inputs(node)[0]
+    return node
+
+
+def _matmul_operands(node: fx.Node) -> list:
+    if node.op == "call_function" and node.target is torch.einsum:
+        operands = node.args[1:]
+        operands = operands[0] if len(operands) == 1 and isinstance(operands[0], (list, tuple)) \
+            else operands
+        return list(operands) if len(operands) == 2 else []
+    matmul = (node.op == "call_function" and node.target in _MATMUL_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _MATMUL_METHODS)
+    return list(node.args[:2]) if matmul else []
+
+
+def _is_activation(node: object, gm: fx.GraphModule) -> bool:
+    """A tensor computed from the input, not a parameter or buffer (moved or not)."""
+    return _is_tensor(node) and value_source(node, gm).op != "get_attr"
+
+
+def transformer_points(gm: fx.GraphModule, layer_inputs: set[fx.Node], matmuls: bool,
+                       residual_adds: bool) -> dict[fx.Node, str]:
+    """{node to quantize: MATMUL_INPUT, SOFTMAX_OUTPUT or RESIDUAL_ADD_INPUT} for both inputs
+    of matmuls between two activations (`matmuls`) and of adds of two (`residual_adds`), in
+    graph order; tensors that `layer_inputs` quantize already are left out."""
+    points: dict[fx.Node, str] = {}
+    for node in gm.graph.nodes:
+        operands = _matmul_operands(node) if matmuls else []
+        kind = MATMUL_INPUT
+        if not operands and residual_adds and _is_add(node):
+            operands, kind = list(node.args[:2]), RESIDUAL_ADD_INPUT
+        if not all(_is_activation(a, gm) for a in operands):
+            continue
+        for operand in operands:
+            source = value_source(operand, gm)
+            if source in layer_inputs or operand in layer_inputs:
+                continue
+            if kind == MATMUL_INPUT and _matches(source, gm, *_SOFTMAX):
+                points.setdefault(source, SOFTMAX_OUTPUT)
+            else:
+                points.setdefault(operand, kind)
+    return points
+
+
+def tensor_kind(node: fx.Node, gm: fx.GraphModule, layer_kind: str | None,
+                point_kind: str | None) -> str:
+    """What the quantized tensor `node` is, for reports: the op that computed its values (a
+    softmax, LayerNorm or GELU), else why it is quantized (`point_kind` from
+    `transformer_points`, `layer_kind` such as "linear input" for tensors layers read), else
+    where the backend needs it."""
+    source = value_source(node, gm)
+    for ops, kind in ((_SOFTMAX, SOFTMAX_OUTPUT), (_LAYERNORM, "layernorm output"),
+                      (_GELU, "gelu output")):
+        if _matches(source, gm, *ops):
+            return kind
+    if point_kind is not None or layer_kind is not None:
+        return point_kind or layer_kind
+    if source.op == "placeholder":
+        return "network input"
+    for test, kind in ((_is_add, RESIDUAL_ADD_INPUT),
+                       (lambda n: _matches(n, gm, _POOL_MODULES, _POOL_FUNCTIONS, set()), "pool input"),
+                       (lambda n: n.op == "call_function" and n.target in _CONCAT_FUNCTIONS,
+                        "concat input")):
+        if any(test(user) for user in node.users):
+            return kind
+    return "add output" if _is_add(source) else "concat output" if (
+        source.op == "call_function" and source.target in _CONCAT_FUNCTIONS) else "layer output"
+
+
 def backend_points(gm: fx.GraphModule, layer_nodes: set[fx.Node], last_layers: set[str],
-                   layer_inputs: list[fx.Node], backend: str) -> tuple[list[fx.Node], dict]:
+                   layer_inputs: list[fx.Node], backend: str,
+                   own_points: Iterable[fx.Node] = ()) -> tuple[list[fx.Node], dict]:
     """Tensors to quantize for `backend`: (nodes that get a quantizer of their own, in graph
     order; {node: earlier node whose quantizer it reuses}).
 
     `layer_inputs` are the tensors quantized layers read (placeholders included); with backend
-    "none" exactly those that are not placeholders get a quantizer, as before.
+    "none" exactly those that are not placeholders get a quantizer, as before. `own_points`
+    (from `transformer_points`) get a quantizer of their own with any backend.
     """
+    read = set(layer_inputs)
+    own_points = {n: None for n in own_points if n not in read}
     if backend == BACKEND_NONE:
-        return [n for n in layer_inputs if n.op != "placeholder"], {}
-    wanted: set[fx.Node] = set(layer_inputs)
+        return [n for n in layer_inputs if n.op != "placeholder"] + list(own_points), {}
+    wanted: set[fx.Node] = read | set(own_points)
     for node in gm.graph.nodes:
         if node in layer_nodes and node.target not in last_layers:
             wanted.add(_output_point(node, gm))
@@ -130,7 +233,7 @@ def backend_points(gm: fx.GraphModule, layer_nodes: set[fx.Node], last_layers: s
         elif _matches(node, gm, _POOL_MODULES, _POOL_FUNCTIONS, set()):
             wanted.update(_tensor_inputs(node)[:1])
     # A quantizer only the network output would read changes nothing (the output stays float).
-    wanted = {n for n in wanted if n in layer_inputs or (
+    wanted = {n for n in wanted if n in layer_inputs or n in own_points or (
         _is_tensor(n) and n.op != "get_attr" and any(u.op != "output" for u in n.users))}
     own: list[fx.Node] = []
     reuse: dict[fx.Node, fx.Node] = {}
@@ -139,7 +242,7 @@ def backend_points(gm: fx.GraphModule, layer_nodes: set[fx.Node], last_layers: s
         if node not in wanted:
             continue
         source = node
-        while moves_values(source, gm) and _tensor_inputs(source):
+        while node not in own_points and moves_values(source, gm) and _tensor_inputs(source):
             source = _tensor_inputs(source)[0]
             if source in quantized:
                 reuse[node] = reuse.get(source, source)

@@ -1,6 +1,7 @@
 """Preparing a model on its torch.fx graph: one activation quantizer on every tensor that a
-quantized layer reads, right at the tensor's producer, so every consumer (residual adds
-included) sees the same quantized value; units follow the data flow and run as sub-graphs."""
+quantized layer reads (and on both inputs of activation matmuls, see `placement`), right at the
+tensor's producer, so every consumer (residual adds included) sees the same quantized value;
+units follow the data flow and run as sub-graphs."""
 
 from __future__ import annotations
 
@@ -14,11 +15,18 @@ from torch import Tensor, nn
 
 from ..config import BrecqConfig
 from ..quant.modules import QUANTIZABLE_LAYERS, QuantizedWeights, QuantLayer, QuantMultiheadAttention
-from ..quant.quantizers import ActQuantizer
+from ..quant.quantizers import ActQuantizer, Log2Quantizer
 from .fold_bn import fold_batchnorm_eager, fold_batchnorm_graph
-from .layers import LayerBits, is_float_layer, is_quantizable, set_submodule
+from .layers import LayerBits, input_kind, is_float_layer, is_quantizable, set_submodule
 from .model import QuantizedModel, Unit
-from .placement import backend_points
+from .placement import (
+    BACKEND_NONE,
+    MATMUL_INPUT,
+    SOFTMAX_OUTPUT,
+    backend_points,
+    tensor_kind,
+    transformer_points,
+)
 from .units import UnitPlan, UnitPredicate, plan_units
 
 logger = logging.getLogger(__name__)
@@ -262,6 +270,18 @@ def _resolve_bits(gm: fx.GraphModule, layer_nodes: set[fx.Node], names: list[str
     return LayerBits(config, names + [n for ns in inner.values() for n in ns], first, last)
 
 
+def _act_quantizer(gm: fx.GraphModule, producer: fx.Node, point_kind: str | None,
+                   readers: set[nn.Module], bits: int, config: BrecqConfig) -> ActQuantizer:
+    """The quantizer of the tensor `producer` (`readers`: the layers that read it): log2 for
+    attention probabilities if `softmax_quantizer` says so, else the affine one."""
+    kinds = {input_kind(layer) for layer in readers}
+    layer_kind = kinds.pop() if len(kinds) == 1 else "layer input" if kinds else None
+    kind = tensor_kind(producer, gm, layer_kind, point_kind)
+    if point_kind == SOFTMAX_OUTPUT and config.softmax_quantizer == "log2":
+        return Log2Quantizer(bits, kind=kind)
+    return ActQuantizer(bits, symmetric=config.act_symmetric, kind=kind)
+
+
 def _place_act_quantizers(gm: fx.GraphModule, layer_nodes: set[fx.Node], bits: LayerBits,
                           layers: dict[str, QuantizedWeights],
                           act_quantizers: dict[str, ActQuantizer], model_input: bool) -> None:
@@ -275,7 +295,9 @@ def _place_act_quantizers(gm: fx.GraphModule, layer_nodes: set[fx.Node], bits: L
             for value in _activation_inputs(node, layers[node.target]):
                 if value.op != "get_attr":
                     producers.setdefault(value, set()).add(node.target)
-    own, reuse = backend_points(gm, layer_nodes, last, list(producers), config.backend)
+    points = transformer_points(gm, set(producers), config.quantize_matmul_inputs,
+                                config.quantize_residual_adds and config.backend == BACKEND_NONE)
+    own, reuse = backend_points(gm, layer_nodes, last, list(producers), config.backend, points)
     act_names = _activation_names(gm, own)
     bits.check_act_names([*act_names.values(), *(p.name for p in own), *act_quantizers])
     for producer in own:
@@ -292,10 +314,13 @@ def _place_act_quantizers(gm: fx.GraphModule, layer_nodes: set[fx.Node], bits: L
                 or (producer.op == "placeholder" and model_input)
             )
         key = act_names[producer]
-        quantizer = ActQuantizer(
-            bits.act_bits(key, alias=producer.name, read_by_layers=producer in producers,
-                          beside_first_or_last=beside_first_or_last),
-            symmetric=config.act_symmetric)
+        quantizer = _act_quantizer(
+            gm, producer, points.get(producer), {layers[name] for name in producers.get(producer, ())},
+            bits.act_bits(key, alias=producer.name,
+                          # Matmul inputs and softmax outputs are multiplied as layer inputs are.
+                          read_by_layers=producer in producers or points.get(producer) in (
+                              MATMUL_INPUT, SOFTMAX_OUTPUT),
+                          beside_first_or_last=beside_first_or_last), config)
         gm.add_submodule(producer.name + "_act_quant", quantizer)
         act_quantizers[key] = quantizer
         _insert_quantizer(gm, producer, producer.name, key, owner=True)

@@ -1,4 +1,5 @@
-"""Stateless quantization math: integer ranges, fake quantization, scale search, AdaRound.
+"""Stateless quantization math: integer ranges, fake quantization (uniform and log2), scale search,
+AdaRound.
 
 Scales and zero points broadcast against the tensor they quantize; per-channel scales have the
 shape [C, 1, 1, ...] for a weight of shape [C, ...]. Nothing here loops over channels in Python.
@@ -158,6 +159,51 @@ def search_scale(
         best_ratio = torch.where(better, r.squeeze(1)[chunk_idx], best_ratio)
     scale, zero_point = scale_from_range(lo * best_ratio, hi * best_ratio, qmin, qmax, symmetric)
     return _as_broadcast(scale, x, per_channel), _as_broadcast(zero_point, x, per_channel)
+
+
+def log2_levels(bits: int) -> int:
+    """Number of powers of two a `bits`-bit log2 quantizer codes: 2^0 .. 2^-(levels - 1); its
+    last code (2^bits - 1) stands for exactly 0."""
+    return 2**bits - 1
+
+
+def log2_fake_quant(x: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """Log2 quantization of values in [0, scale] (softmax outputs), as RepQ-ViT / FQ-ViT do it:
+    x -> scale * 2^-k with k = round(-log2(x / scale)), a whole number in [0, levels - 1].
+
+    With `bits` bits there are 2^bits codes: 2^bits - 1 powers of two and exactly 0 (the last
+    code), which takes every x whose k would exceed the range (x = 0 included), so an attention
+    probability that vanishes stays 0. Values above `scale` clip to it; negative ones give 0.
+    Gradients, as LSQ for the uniform grid: straight through to `x` inside [0, scale], none
+    above; to `scale`, Q(v) - v inside (v = x / scale) and 1 above.
+    """
+    v = torch.clamp(x / scale, 0.0, 1.0)
+    with torch.no_grad():
+        levels = log2_levels(bits)
+        k = torch.round(-torch.log2(v))  # +inf for v == 0: lands in the zero code
+        powers = torch.pow(2.0, -torch.clamp(k, 0, levels - 1)).to(v.dtype)
+        q = torch.where(k > levels - 1, torch.zeros_like(v), powers)
+    return scale * (v + (q - v).detach())
+
+
+def search_log2_scale(x: Tensor, bits: int, method: str = "lp", p: float = 2.4) -> Tensor:
+    """Initial scale of a log2 quantizer for the values `x` (any shape, >= 0): the largest
+    value (`minmax`), or the candidate among the largest value shrunk in 1% steps (80 of them,
+    as `search_scale`) with the smallest sum |x - Q(x)|^p (`lp`). Returns a single value."""
+    if method not in ("lp", "minmax"):
+        raise ValueError(f"unknown scale search method {method!r}: use 'lp' or 'minmax'")
+    flat = x.detach().float().reshape(-1)
+    hi = flat.amax().clamp_min(_EPS)
+    if method == "minmax":
+        return hi
+    ratios = 1.0 - CLIP_STEP * torch.arange(NUM_CLIP_CANDIDATES, device=flat.device)
+    chunk = max(1, _SEARCH_CHUNK_ELEMENTS // max(1, flat.numel()))
+    errors = []
+    for start in range(0, NUM_CLIP_CANDIDATES, chunk):
+        scale = (hi * ratios[start : start + chunk]).reshape(-1, 1)  # [R, 1]
+        xq = log2_fake_quant(flat.unsqueeze(0), scale, bits)
+        errors.append((xq - flat.unsqueeze(0)).abs().pow(p).sum(dim=-1))
+    return hi * ratios[torch.cat(errors).argmin()]
 
 
 def rectified_sigmoid(v: Tensor) -> Tensor:

@@ -160,10 +160,12 @@ class ActQuantizer(nn.Module):
     that probability.
     """
 
-    def __init__(self, bits: int, *, symmetric: bool = False) -> None:
+    def __init__(self, bits: int, *, symmetric: bool = False, kind: str = "activation") -> None:
         super().__init__()
         self.bits = check_bits(bits, "activation bits")
         self.symmetric = symmetric
+        # What the quantized tensor is ("linear input", "softmax output", ...), for reports.
+        self.kind = kind
         self.qmin, self.qmax = P.int_range(bits, symmetric)
         self.scale = nn.Parameter(torch.ones(()))
         self.register_buffer("zero_point", torch.zeros(()))
@@ -177,7 +179,7 @@ class ActQuantizer(nn.Module):
         self._ready = False
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, symmetric={self.symmetric}"
+        return f"bits={self.bits}, symmetric={self.symmetric}, kind={self.kind!r}"
 
     @torch.no_grad()
     def calibrate(self, x: Tensor, method: str = "lp", p: float = 2.4,
@@ -190,11 +192,16 @@ class ActQuantizer(nn.Module):
         sample = x.detach().reshape(-1).float()
         if not torch.isfinite(sample).all():
             raise FloatingPointError("activation contains NaN or inf; check the input data")
-        scale, zero_point = P.search_scale(
-            (sampler or search_sample)(sample), self.bits, symmetric=self.symmetric,
-            per_channel=False, method=method, p=p,
-        )
-        self.set_scale(scale, zero_point)
+        self.set_scale(*self._search((sampler or search_sample)(sample), method, p))
+
+    def _search(self, sample: Tensor, method: str, p: float) -> tuple[Tensor, Tensor]:
+        """Initial scale and zero point for the sampled elements."""
+        return P.search_scale(sample, self.bits, symmetric=self.symmetric, per_channel=False,
+                              method=method, p=p)
+
+    def fake_quant(self, x: Tensor) -> Tensor:
+        """`x` on this quantizer's grid (no dropping)."""
+        return P.fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax)
 
     @torch.no_grad()
     def set_scale(self, scale: Tensor, zero_point: Tensor) -> None:
@@ -233,7 +240,7 @@ class ActQuantizer(nn.Module):
                     "brecq.quant.state.calibrating(...) or call calibrate() first"
                 )
             self.calibrate(x, *self._calibration)
-        xq = P.fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax)
+        xq = self.fake_quant(x)
         if self.drop_prob > 0:
             keep_float = torch.rand_like(x, generator=self.drop_generator) < self.drop_prob
             xq = torch.where(keep_float, x, xq)
@@ -242,6 +249,27 @@ class ActQuantizer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._ready = bool(self.initialized)
+
+
+class Log2Quantizer(ActQuantizer):
+    """Log2 quantizer for values in [0, 1] such as attention probabilities (RepQ-ViT, FQ-ViT):
+    `scale * 2^-k`, k a whole number, and exactly 0 for the last code (see
+    `primitives.log2_fake_quant`). Everything else is the `ActQuantizer`'s: the scale is
+    searched on the first tensor (`calibrating`) or by `calibrate`, learned as a step size
+    (LSQ), dropped per element by QDrop; the zero point stays 0."""
+
+    def __init__(self, bits: int, *, kind: str = "softmax output") -> None:
+        super().__init__(bits, symmetric=False, kind=kind)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, log2, kind={self.kind!r}"
+
+    def _search(self, sample: Tensor, method: str, p: float) -> tuple[Tensor, Tensor]:
+        scale = P.search_log2_scale(sample, self.bits, method=method, p=p)
+        return scale, torch.zeros_like(scale)
+
+    def fake_quant(self, x: Tensor) -> Tensor:
+        return P.log2_fake_quant(x, self.scale, self.bits)
 
 
 # Above this many elements the Lp search runs on an evenly strided subsample; min/max come from it
