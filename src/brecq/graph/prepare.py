@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ..config import BrecqConfig
 from ..errors import ModelError
 from ..quant import state
+from .attention import decompose_sdpa, explicit_multihead_attention
 from .layers import (
     WEIGHT_LAYERS,
     LayerBits,
@@ -93,6 +94,7 @@ def _prepare_by_children(
         except Exception:  # noqa: BLE001 - its own forward does not trace: try its children
             pending += [f"{name}.{child}" for child, _ in original[name].named_children()]
             continue
+        decompose_sdpa(gm)
         traced[name] = (gm, leaves, args, any(id(a) in model_in for a in args), id(output) == model_out)
     if not traced:
         return None
@@ -229,10 +231,14 @@ def prepare(
     if model_device is not None:
         example_inputs = tuple(x.to(model_device) if isinstance(x, Tensor) else x
                                for x in example_inputs)
+    check_float_layers(config, dict(work.named_modules()))
+    # Attention as matmul and softmax nodes; an nn.MultiheadAttention kept in float stays whole.
+    explicit_multihead_attention(
+        work, example_inputs,
+        keep=lambda name: is_float_layer(name, config) or is_float_layer(f"{name}.out_proj", config))
     calls = _called_weight_layers(work, example_inputs)
     called = list(calls)
     modules = dict(work.named_modules())
-    check_float_layers(config, modules)
     direct_reads: set[str] = set()
     try:
         traced, leaves = trace(work)
@@ -249,7 +255,11 @@ def prepare(
                 "torch.fx cannot trace %s (%s), nor can its children stand for it; falling back "
                 "to the module tree: activation inputs are quantized at each layer and "
                 "nn.Sequential children are the units", type(model).__name__, reason)
+            # The module tree quantizes nn.MultiheadAttention whole: start from the original.
             work = copy.deepcopy(model).eval()
+            calls = _called_weight_layers(work, example_inputs)
+            called = list(calls)
+            modules = dict(work.named_modules())
             qmodel = prepare_module_tree(work, config, example_inputs, unit_predicate)
     else:
         if leaves:
@@ -259,6 +269,7 @@ def prepare(
                 ", ".join(sorted(leaves)), type(model).__name__,
             )
         bind_defaults(traced, len(example_inputs))
+        decompose_sdpa(traced)
         direct_reads = {n.target.rpartition(".")[0] for n in traced.graph.nodes if n.op == "get_attr"}
         qmodel = prepare_traced(traced, config, example_inputs, unit_predicate, leaves, called,
                                 modules)
