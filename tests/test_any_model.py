@@ -333,7 +333,10 @@ def _used_weight_layers(model, x):
         model(x)
     for handle in handles:
         handle.remove()
-    return {n for n in used if not any(n.startswith(o + ".") for o in used)}
+    used = {n for n in used if not any(n.startswith(o + ".") for o in used)}
+    # Traced, an nn.MultiheadAttention is written explicitly: its projections are the layers.
+    attentions = {n for n in used if isinstance(model.get_submodule(n), nn.MultiheadAttention)}
+    return (used - attentions) | {f"{n}.{p}_proj" for n in attentions for p in ("q", "k", "v", "out")}
 
 
 @pytest.mark.parametrize("family", ["densenet", "googlenet", "squeezenet", "convnext",

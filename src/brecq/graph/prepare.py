@@ -38,7 +38,7 @@ from .layers import (
 from .model import QuantizedModel
 from .module_tree import execution_order, prepare_module_tree
 from .traced import prepare_traced
-from .tracing import bind_defaults, trace
+from .tracing import BoundCall, CallArguments, bind_defaults, trace
 from .units import UnitPredicate
 
 logger = logging.getLogger(__name__)
@@ -88,23 +88,25 @@ def _prepare_by_children(
             return None  # called by code fx cannot trace: only the module tree reaches it
         args, output, kwargs = io.get(name, ((None,), None, {}))
         try:
-            if kwargs or not all(isinstance(a, Tensor) for a in args):
-                raise TypeError("only positional tensor inputs are traced")
-            gm, leaves = trace(original[name], model, name + ".")
+            # Non-tensor arguments (None, flags) are fixed in the graph, tensors are its inputs.
+            call = CallArguments.of(original[name], args, kwargs)
+            gm, leaves = trace(original[name], model, name + ".", None if call.plain else call)
         except Exception:  # noqa: BLE001 - its own forward does not trace: try its children
             pending += [f"{name}.{child}" for child, _ in original[name].named_children()]
             continue
         decompose_sdpa(gm)
-        traced[name] = (gm, leaves, args, any(id(a) in model_in for a in args), id(output) == model_out)
+        inputs = call.inputs
+        traced[name] = (gm, leaves, call, any(id(a) in model_in for a in inputs),
+                        id(output) == model_out)
     if not traced:
         return None
     children: dict[str, QuantizedModel] = {}
-    for name, (gm, leaves, args, is_first, is_last) in traced.items():
-        bind_defaults(gm, len(args))
+    for name, (gm, leaves, call, is_first, is_last) in traced.items():
+        bind_defaults(gm, len(call.inputs))
         children[name] = prepare_traced(
-            gm, _scoped(config, name, is_first, is_last), args, unit_predicate, leaves, called,
-            original, model_input=is_first)
-        set_submodule(model, name, children[name])
+            gm, _scoped(config, name, is_first, is_last), call.inputs, unit_predicate, leaves,
+            called, original, model_input=is_first)
+        set_submodule(model, name, children[name] if call.plain else BoundCall(children[name], call))
     try:  # the model's own code may also use what was replaced (a child's attributes, say)
         with torch.no_grad(), state.quantization(model, weights=False, acts=False):
             torch.testing.assert_close(model(*example_inputs), io[""][1], rtol=1e-3, atol=1e-3)
