@@ -7,7 +7,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from brecq import BrecqConfig, prepare, quantize
+from brecq import BrecqConfig, load_quantized, prepare, quantize, save_quantized
 from brecq.graph.attention import (
     ExplicitMultiheadAttention,
     decompose_sdpa,
@@ -15,6 +15,7 @@ from brecq.graph.attention import (
     is_matmul,
     is_softmax,
 )
+from brecq.graph.model import QuantizedModel
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
@@ -220,17 +221,92 @@ def test_decomposed_sdpa_equals_torch(mask, kwargs):
     torch.testing.assert_close(gm(q, k, v, masks[mask]), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="BertSelfAttention iterates a shape proxy "
-                   "(`(*hidden_states.shape[:-1], -1, d)`): torch.fx cannot trace it without "
-                   "concrete shapes, so the attention stays inside an opaque module")
-def test_hugging_face_bert_attention_is_explicit():
+def _tiny_bert():
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=64, vocab_size=100)
-    config._attn_implementation = "eager"
-    model = transformers.BertModel(config).eval()
-    ids = torch.randint(0, 100, (2, 7))
-    qmodel = prepare(model, BrecqConfig(weight_bits=8, act_bits=8, **TINY),
-                     (ids, torch.ones(2, 7, dtype=torch.long)))
-    graphs = [m for m in qmodel.network.modules() if isinstance(m, fx.GraphModule)]
-    assert sum(_attention_nodes(g)[0] for g in graphs) == 4
+    config._attn_implementation = "eager"  # attention written with matmul and softmax
+    torch.manual_seed(0)
+    return transformers.BertModel(config).eval()
+
+
+def _bert_inputs():
+    ids = torch.randint(0, 100, (8, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(8, 7, dtype=torch.long)
+    mask[1::2, 5:] = 0  # padded sentences: the layers get an additive mask
+    return ids, mask
+
+
+class _SentenceEncoder(nn.Module):
+    """Token ids and attention mask stacked in one tensor (N, 2, L), as quantize() takes one."""
+
+    def __init__(self, bert):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, x):
+        return self.bert(x[:, 0], attention_mask=x[:, 1]).last_hidden_state
+
+
+def test_hugging_face_bert_layers_are_traced_with_attention_explicit():
+    bert = _tiny_bert()
+    ids, mask = _bert_inputs()
+    with torch.no_grad():
+        ref = bert(ids, attention_mask=mask)
+    qmodel = prepare(bert, BrecqConfig(weight_bits=8, act_bits=8, **TINY), (ids, mask))
+    # BertModel's own forward (mask building) runs as written; each encoder layer is a graph.
+    graphs = {name: m.network for name, m in qmodel.network.named_modules()
+              if isinstance(m, QuantizedModel)}
+    assert [name for name, g in graphs.items() if _attention_nodes(g) == (2, 1)] == [
+        "encoder.layer.0.prepared", "encoder.layer.1.prepared"]
+    with torch.no_grad(), qmodel.quantization(weights=False, acts=False):
+        out = qmodel(ids, attention_mask=mask)
+    torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.pooler_output, ref.pooler_output, atol=1e-5, rtol=1e-5)
+    # The attention (with its residual and LayerNorm) and the feed-forward part of each layer.
+    assert [u.name for u in qmodel.units] == [
+        f"encoder.layer.{i}.{part}" for i in range(2) for part in (
+            "attention.self.query..encoder.layer.{i}.attention.output.dense".format(i=i),
+            "intermediate.dense..encoder.layer.{i}.output.dense".format(i=i))] + ["pooler.dense"]
+
+
+def test_hugging_face_bert_inside_a_wrapper_is_quantized_with_padding_masks(tmp_path):
+    model = _SentenceEncoder(_tiny_bert()).eval()
+    x = torch.stack(_bert_inputs(), 1)
+    with torch.no_grad():
+        ref = model(x)
+    config = BrecqConfig(weight_bits=8, act_bits=8, **{**TINY, "method": "qdrop"})
+    qmodel, _ = quantize(model, x, config)
+    assert len([u for u in qmodel.units if "attention" in u.name]) == 2
+    with torch.no_grad():
+        out = qmodel(x)
+        assert ((out - ref).norm() / ref.norm()).item() < 0.05
+        with qmodel.quantization(weights=False, acts=False):
+            torch.testing.assert_close(qmodel(x), ref, atol=1e-5, rtol=1e-5)
+    save_quantized(qmodel, tmp_path, config=config, example_input=x)
+    # Token ids, and padded ones (an unpadded example would trace the layers without a mask).
+    loaded = load_quantized(_SentenceEncoder(_tiny_bert()).eval(), tmp_path, example_inputs=(x,))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)
+
+
+def test_unpacked_shapes_trace_with_example_values():
+    from brecq.graph.tracing import CallArguments, trace
+
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x, scale=None):
+            y = self.proj(x).view(*x.shape[:-1], 2, -1)  # fx alone cannot unpack a shape
+            return y if scale is None else y * scale
+
+    model = Heads().eval()
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(Exception, match="iterated|len"):
+        trace(model)
+    gm, leaves = trace(model, call=CallArguments.of(model, (x,), {"scale": None}))
+    assert not leaves
+    bigger = torch.randn(3, 4, 8)  # the sizes stay symbolic, only the rank is fixed
+    torch.testing.assert_close(gm(bigger), model(bigger))

@@ -130,6 +130,26 @@ def _prepare_by_children(
         bits.first, bits.last, traced=False)
 
 
+def _prepare_leaves_by_children(
+    model: nn.Module, config: BrecqConfig, example_inputs: tuple,
+    unit_predicate: UnitPredicate | None, called: list[str], leaves: set[str],
+) -> QuantizedModel | None:
+    """A model fx traces only by keeping whole a module that holds weight layers (a wrapper
+    around a Hugging Face model, whose own forward builds masks fx cannot trace): prepared by
+    its children instead when that puts every weight layer on a graph, so none is left inside
+    an opaque node. None otherwise (`model` is then unchanged)."""
+    if not any(layer.startswith(leaf + ".") for layer in called for leaf in leaves):
+        return None
+    candidate = copy.deepcopy(model)
+    qmodel = _prepare_by_children(candidate, config, example_inputs, unit_predicate, called)
+    if qmodel is not None:
+        logger.warning(
+            "torch.fx cannot trace into %s of %s; its children are traced and prepared one by "
+            "one instead, and the code around them runs as written", ", ".join(sorted(leaves)),
+            type(model).__name__)
+    return qmodel
+
+
 # --------------------------------------------------------------------------------------------
 # The "nothing left in float" check
 
@@ -242,6 +262,7 @@ def prepare(
     called = list(calls)
     modules = dict(work.named_modules())
     direct_reads: set[str] = set()
+    qmodel: QuantizedModel | None = None
     try:
         traced, leaves = trace(work)
     except Exception as exc:  # noqa: BLE001 - any tracing failure: trace the parts, or the tree
@@ -264,6 +285,9 @@ def prepare(
             modules = dict(work.named_modules())
             qmodel = prepare_module_tree(work, config, example_inputs, unit_predicate)
     else:
+        qmodel = _prepare_leaves_by_children(work, config, example_inputs, unit_predicate, called,
+                                             leaves)
+    if qmodel is None:
         if leaves:
             logger.warning(
                 "torch.fx cannot trace into %s of %s; each is kept as one node of the graph, its "
