@@ -264,10 +264,11 @@ def test_hugging_face_bert_layers_are_traced_with_attention_explicit():
     torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.pooler_output, ref.pooler_output, atol=1e-5, rtol=1e-5)
     # The attention (with its residual and LayerNorm) and the feed-forward part of each layer.
+    layer = "encoder.layer.{}.".format
     assert [u.name for u in qmodel.units] == [
-        f"encoder.layer.{i}.{part}" for i in range(2) for part in (
-            "attention.self.query..encoder.layer.{i}.attention.output.dense".format(i=i),
-            "intermediate.dense..encoder.layer.{i}.output.dense".format(i=i))] + ["pooler.dense"]
+        name for i in range(2) for name in (
+            f"{layer(i)}attention.self.query..{layer(i)}attention.output.dense",
+            f"{layer(i)}intermediate.dense..{layer(i)}output.dense")] + ["pooler.dense"]
 
 
 def test_hugging_face_bert_inside_a_wrapper_is_quantized_with_padding_masks(tmp_path):
