@@ -101,6 +101,22 @@ def test_timm_swin_window_attention_is_explicit():
     _check_model(model, torch.randn(8, 3, 32, 32), 2, ["layers.0", "layers.1.blocks"])
 
 
+def test_timm_swin_fused_shifted_window_attention_with_its_mask_is_decomposed():
+    from timm.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    model = SwinTransformer(img_size=32, patch_size=2, window_size=4, embed_dim=24,
+                            depths=(2,), num_heads=(2,), num_classes=10).eval()
+    for block in model.layers[0].blocks:
+        block.attn.fused_attn = True  # scaled_dot_product_attention, with the shift mask
+    assert model.layers[0].blocks[1].attn_mask is not None
+    x = torch.randn(2, 3, 32, 32)
+    qmodel = prepare(model, BrecqConfig(weight_bits=8, act_bits=8, **TINY), (x,))
+    assert _attention_nodes(qmodel.network) == (4, 2)
+    with torch.no_grad(), qmodel.quantization(weights=False, acts=False):
+        torch.testing.assert_close(qmodel(x), model(x), atol=1e-5, rtol=1e-5)
+
+
 def test_torchvision_vit_multihead_attention_is_written_explicitly():
     torch.manual_seed(0)
     model = torchvision.models.VisionTransformer(

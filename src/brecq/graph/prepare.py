@@ -1,12 +1,16 @@
 """Turn a user's float model into a `QuantizedModel`.
 
-Steps: copy the model; fold BatchNorm; swap Conv/Linear (and MultiheadAttention) for quantized
+Steps: copy the model; write attention explicitly (`attention`: nn.MultiheadAttention as
+Linear projections with matmul and softmax, F.scaled_dot_product_attention decomposed on the
+graph); fold BatchNorm; swap Conv/Linear (and a MultiheadAttention left whole) for quantized
 wrappers; put one activation quantizer on every tensor that a quantized layer reads, right at
 the tensor's producer, so every consumer (residual adds included) sees the same quantized value;
 find reconstruction units. All on the torch.fx graph. A model whose own forward fx cannot trace
-has each child traced and prepared on its own graph; only one that calls weight layers from
-untraceable code falls back to the module tree (layer inputs quantized at the layer,
-`nn.Sequential` children as units).
+(or traces only by keeping whole a module holding weight layers) has each child traced and
+prepared on its own graph; a child called with keyword or non-tensor arguments is traced for
+that call (its tensors are the graph's inputs, the rest fixed). Only one that calls weight
+layers from untraceable code falls back to the module tree (layer inputs quantized at the
+layer, `nn.Sequential` children as units).
 
 The paths live in `traced` and `module_tree`, what they share in `layers`; this module chooses
 between them and checks that no weight layer the forward pass uses is left in float unasked.
