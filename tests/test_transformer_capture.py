@@ -315,15 +315,21 @@ def test_unpacked_shapes_trace_with_example_values():
             super().__init__()
             self.proj = nn.Linear(8, 8)
 
-        def forward(self, x, scale=None):
+        def forward(self, x, scale=None, double=False):
             y = self.proj(x).view(*x.shape[:-1], 2, -1)  # fx alone cannot unpack a shape
-            return y if scale is None else y * scale
+            y = y if scale is None else y * scale
+            return 2 * y if double else y
 
     model = Heads().eval()
     x = torch.randn(2, 5, 8)
     with pytest.raises(Exception, match="iterated|len"):
         trace(model)
-    gm, leaves = trace(model, call=CallArguments.of(model, (x,), {"scale": None}))
+    call = CallArguments.of(model, (x,), {"scale": None, "double": True})
+    gm, leaves = trace(model, call=call)
     assert not leaves
+    assert [n.op for n in gm.graph.nodes].count("placeholder") == 1  # fixed values are no inputs
+    assert [n.op for n in gm.graph.nodes].count("get_attr") == 0  # nor the example's own run
     bigger = torch.randn(3, 4, 8)  # the sizes stay symbolic, only the rank is fixed
-    torch.testing.assert_close(gm(bigger), model(bigger))
+    torch.testing.assert_close(gm(bigger), model(bigger, double=True))
+    with pytest.raises(ValueError, match="non-tensor arguments"):
+        call.select((bigger,), {"double": False})

@@ -94,7 +94,10 @@ def _prepare_by_children(
         try:
             # Non-tensor arguments (None, flags) are fixed in the graph, tensors are its inputs.
             call = CallArguments.of(original[name], args, kwargs)
-            gm, leaves = trace(original[name], model, name + ".", None if call.plain else call)
+            gm, leaves = trace(original[name], model, name + ".", call)
+            with torch.no_grad():
+                if type(gm(*call.inputs)) is not type(output):  # fx made a dataclass a dict
+                    raise TypeError("the graph returns another type than the module")
         except Exception:  # noqa: BLE001 - its own forward does not trace: try its children
             pending += [f"{name}.{child}" for child, _ in original[name].named_children()]
             continue
@@ -268,7 +271,9 @@ def prepare(
     direct_reads: set[str] = set()
     qmodel: QuantizedModel | None = None
     try:
-        traced, leaves = trace(work)
+        # Example values let shape-unpacking code trace (`view(*x.shape[:-1], heads, -1)`).
+        root_call = CallArguments.of(work, example_inputs, {})
+        traced, leaves = trace(work, call=root_call if root_call.plain else None)
     except Exception as exc:  # noqa: BLE001 - any tracing failure: trace the parts, or the tree
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         qmodel = _prepare_by_children(work, config, example_inputs, unit_predicate, called)

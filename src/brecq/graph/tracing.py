@@ -63,11 +63,11 @@ class _LeafTracer(fx.Tracer):
     @contextlib.contextmanager
     def _running(self) -> Iterator[None]:
         """Module calls run as they are (no nodes recorded) while an example value is computed."""
-        self._evaluating = True
+        previous, self._evaluating = self._evaluating, True
         try:
             yield
         finally:
-            self._evaluating = False
+            self._evaluating = previous
 
     def _evaluate(self, node: fx.Node) -> Any:  # noqa: ANN401
         def concrete(value: Any) -> Any:  # noqa: ANN401
@@ -80,12 +80,13 @@ class _LeafTracer(fx.Tracer):
         args, kwargs = map_aggregate(node.args, concrete), map_aggregate(node.kwargs, concrete)
         if node.op == "placeholder":
             return self.example[node.target]
-        if node.op == "get_attr":
-            owner, _, attribute = node.target.rpartition(".")
-            return getattr(self.root.get_submodule(owner), attribute)
         with self._running():
+            if node.op == "get_attr":
+                owner, _, attribute = node.target.rpartition(".")
+                return getattr(self.root.get_submodule(owner), attribute)
             if node.op == "call_module":
-                return self.root.get_submodule(node.target)(*args, **kwargs)
+                return self.root.get_submodule(node.target.removeprefix(self.prefix))(
+                    *args, **kwargs)
             if node.op == "call_method":
                 return getattr(args[0], node.target)(*args[1:], **kwargs)
             return node.target(*args, **kwargs)
@@ -115,6 +116,11 @@ class _LeafTracer(fx.Tracer):
         if isinstance(m, QUANTIZABLE_LAYERS + (nn.MultiheadAttention,)):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:  # noqa: ANN401
+        if self._evaluating:  # a module computing an example value reads its real parameters
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def call_module(self, m, forward, args, kwargs):  # noqa: ANN001, ANN201
         if self._evaluating:
@@ -225,11 +231,15 @@ def _forward_unwrapped(model: nn.Module) -> Iterator[None]:
 def _drop_fixed_inputs(graph: fx.Graph, kept: set[str]) -> None:
     """Remove the placeholders of fixed values (and fx's checks on them) from `graph`."""
     fixed = [n for n in graph.nodes if n.op == "placeholder" and n.target not in kept]
-    pending = [user for node in fixed for user in node.users]
-    while pending:  # fx's checks of fixed values, reads of emptied **kwargs: unused
-        node = pending.pop()
-        if not node.users and node.op in ("call_function", "call_method"):
-            pending += [a for a in node.all_input_nodes if a.op != "placeholder"]
+    downstream, stack = set(), list(fixed)
+    while stack:
+        node = stack.pop()
+        if node not in downstream:
+            downstream.add(node)
+            stack.extend(node.users)
+    # fx's checks of the fixed values and reads of the emptied **kwargs lead nowhere: erase them.
+    for node in reversed(list(graph.nodes)):
+        if node in downstream and not node.users and node.op in ("call_function", "call_method"):
             graph.erase_node(node)
     for node in fixed:
         if node.users:
