@@ -78,9 +78,10 @@ class _LeafTracer(fx.Tracer):
             return value
 
         args, kwargs = map_aggregate(node.args, concrete), map_aggregate(node.kwargs, concrete)
-        if node.op == "placeholder":
-            return self.example[node.target]
-        with self._running():
+        if node.op == "placeholder":  # a copy: in-place code must not change the caller's
+            value = self.example[node.target]
+            return value.clone() if isinstance(value, Tensor) else value
+        with self._running(), torch.no_grad():
             if node.op == "get_attr":
                 owner, _, attribute = node.target.rpartition(".")
                 return getattr(self.root.get_submodule(owner), attribute)
