@@ -237,11 +237,12 @@ def test_decomposed_sdpa_equals_torch(mask, kwargs):
     torch.testing.assert_close(gm(q, k, v, masks[mask]), expected, atol=1e-5, rtol=1e-5)
 
 
-def _tiny_bert():
+def _tiny_bert(attention="eager"):
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=64, vocab_size=100)
-    config._attn_implementation = "eager"  # attention written with matmul and softmax
+    # eager: matmul and softmax in the model's code; sdpa (the default): decomposed on the graph
+    config._attn_implementation = attention
     torch.manual_seed(0)
     return transformers.BertModel(config).eval()
 
@@ -264,8 +265,9 @@ class _SentenceEncoder(nn.Module):
         return self.bert(x[:, 0], attention_mask=x[:, 1]).last_hidden_state
 
 
-def test_hugging_face_bert_layers_are_traced_with_attention_explicit():
-    bert = _tiny_bert()
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_hugging_face_bert_layers_are_traced_with_attention_explicit(attention):
+    bert = _tiny_bert(attention)
     ids, mask = _bert_inputs()
     with torch.no_grad():
         ref = bert(ids, attention_mask=mask)

@@ -25,6 +25,25 @@ _UNKNOWN = object()
 _STATIC_LENGTH = (torch.Size, tuple, list, type({}.keys()))
 
 
+_VALUE_READS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__")
+
+
+def _reads_tensor_values(node: fx.Node) -> bool:
+    """Whether `node` depends on a tensor's contents turned into Python values (`.item()`)."""
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "call_method" and current.target in _VALUE_READS:
+            return True
+        if current.op == "call_function" and current.target in (bool, int, float):
+            return True
+        stack.extend(current.all_input_nodes)
+    return False
+
+
 class _ShapeProxy(fx.Proxy):
     """A proxy whose length the tracer knows from the example values."""
 
@@ -100,6 +119,15 @@ class _LeafTracer(fx.Tracer):
             with contextlib.suppress(Exception):
                 self.values[proxy.node] = self._evaluate(proxy.node)
         return proxy
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """A condition on shapes (`q_len > 1`) takes its value on the example: the graph is for
+        inputs of that rank and sizes on that side of the condition. Conditions on tensor values
+        stay untraceable."""
+        value = self.example_value(obj.node)
+        if isinstance(value, (bool, int)) and not _reads_tensor_values(obj.node):
+            return bool(value)
+        return super().to_bool(obj)
 
     def iter(self, obj: fx.Proxy) -> Iterator:
         value = self.example_value(obj.node)
