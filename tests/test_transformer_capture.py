@@ -335,3 +335,28 @@ def test_unpacked_shapes_trace_with_example_values():
     torch.testing.assert_close(gm(bigger), model(bigger, double=True))
     with pytest.raises(ValueError, match="non-tensor arguments"):
         call.select((bigger,), {"double": False})
+
+
+def test_conditions_on_shapes_trace_and_conditions_on_values_do_not():
+    from brecq.graph.tracing import CallArguments, trace
+
+    class Branches(nn.Module):
+        def __init__(self, on_values):
+            super().__init__()
+            self.on_values = on_values
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x):
+            if x.shape[1] > 1:  # a shape: decided by the example
+                x = self.proj(x)
+            if self.on_values and x.sum().item() > -1e30:  # a value: not traceable
+                x = x * 2
+            return x
+
+    x = torch.randn(2, 5, 8)
+    shapes = Branches(on_values=False).eval()
+    gm, _ = trace(shapes, call=CallArguments.of(shapes, (x,), {}))
+    torch.testing.assert_close(gm(x), shapes(x))
+    values = Branches(on_values=True).eval()
+    with pytest.raises(Exception, match="control flow"):
+        trace(values, call=CallArguments.of(values, (x,), {}))
