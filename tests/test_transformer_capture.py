@@ -360,3 +360,17 @@ def test_conditions_on_shapes_trace_and_conditions_on_values_do_not():
     values = Branches(on_values=True).eval()
     with pytest.raises(Exception, match="control flow"):
         trace(values, call=CallArguments.of(values, (x,), {}))
+
+
+def test_hugging_face_bert_encoder_layers_as_units_by_name():
+    bert = _tiny_bert("sdpa")
+    ids, _ = _bert_inputs()
+    layers = ("encoder.layer.0", "encoder.layer.1")
+    qmodel, _ = quantize(bert, ids, BrecqConfig(weight_bits=8, act_bits=8, unit_names=layers,
+                                                **{**TINY, "method": "qdrop"}))
+    assert [(u.name, len(u.layers)) for u in qmodel.units] == [
+        ("encoder.layer.0", 6), ("encoder.layer.1", 6), ("pooler.dense", 1)]
+    with torch.no_grad():
+        ref = bert(ids).last_hidden_state
+        out = qmodel(ids).last_hidden_state
+    assert ((out - ref).norm() / ref.norm()).item() < 0.05
