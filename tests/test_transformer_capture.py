@@ -335,6 +335,8 @@ def test_unpacked_shapes_trace_with_example_values():
     torch.testing.assert_close(gm(bigger), model(bigger, double=True))
     with pytest.raises(ValueError, match="non-tensor arguments"):
         call.select((bigger,), {"double": False})
+    with pytest.raises(ValueError, match="scale \\(fixed when traced\\)"):
+        call.select((bigger,), {"scale": torch.ones(()), "double": True})
 
 
 def test_conditions_on_shapes_trace_and_conditions_on_values_do_not():

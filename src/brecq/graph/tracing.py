@@ -218,11 +218,14 @@ class CallArguments:
         """The graph's inputs from a later call; fails when a fixed value differs."""
         call = CallArguments(self.signature, args, kwargs)
         changed = [k for k, v in call.constants.items() if self.constants.get(k, _UNKNOWN) != v]
-        if changed or set(call.tensors) != set(self.tensors):
+        changed += [f"{k} (a tensor when traced)" for k in self.tensors if k not in call.tensors]
+        changed += [f"{k} (fixed when traced)" for k in call.tensors if k not in self.tensors]
+        if changed:
             raise ValueError(
                 "a module traced for one set of non-tensor arguments is called with others ("
-                f"{', '.join(changed) or 'tensor arguments differ'}): prepare the model with "
-                "example inputs that call it as it is used")
+                f"{', '.join(changed)}; a Hugging Face model, say, passes no attention mask for a "
+                "batch without padding): prepare with example inputs that call it as every batch "
+                "does")
         return call.inputs
 
 
