@@ -216,8 +216,12 @@ def test_multihead_attention_with_separate_kv_sizes_is_quantized(traced, tmp_pat
     config = BrecqConfig(weight_bits=8, act_bits=8, **{**TINY, "iters_w": 20})
     qmodel, report = quantize(model, x, config)
     assert qmodel.traced == traced
-    assert {"attn.q_proj_weight", "attn.k_proj_weight", "attn.v_proj_weight",
-            "attn.out_proj.weight"} <= set(qmodel.weight_quantizers)
+    # Traced, the attention is written explicitly (projections are Linear layers, the attention
+    # matmuls graph nodes); on the module tree it stays one quantized nn.MultiheadAttention.
+    names = ({"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"} if traced else
+             {"attn.q_proj_weight", "attn.k_proj_weight", "attn.v_proj_weight",
+              "attn.out_proj.weight"})
+    assert names <= set(qmodel.weight_quantizers)
     assert all(q.learned for q in qmodel.weight_quantizers.values())
     with torch.no_grad():
         ref, out = model(x), qmodel(x)
@@ -329,7 +333,10 @@ def _used_weight_layers(model, x):
         model(x)
     for handle in handles:
         handle.remove()
-    return {n for n in used if not any(n.startswith(o + ".") for o in used)}
+    used = {n for n in used if not any(n.startswith(o + ".") for o in used)}
+    # Traced, an nn.MultiheadAttention is written explicitly: its projections are the layers.
+    attentions = {n for n in used if isinstance(model.get_submodule(n), nn.MultiheadAttention)}
+    return (used - attentions) | {f"{n}.{p}_proj" for n in attentions for p in ("q", "k", "v", "out")}
 
 
 @pytest.mark.parametrize("family", ["densenet", "googlenet", "squeezenet", "convnext",

@@ -81,15 +81,15 @@ def test_vision_transformer_gets_one_unit_per_encoder_block_and_every_linear_qua
     q, units = _units(vit, weight_bits=4, act_bits=8)
     for i in range(2):
         block = units[f"encoder.layers.encoder_layer_{i}"]
-        assert block.kind == "block" and len(block.layers) == 3  # attention, mlp.0, mlp.3
-    quantized_linears = set()
-    for name, layer in q.layers.items():
-        if isinstance(layer, QuantMultiheadAttention):
-            quantized_linears.add(name + ".out_proj")
-        elif isinstance(layer, QuantLayer) and isinstance(layer.layer, nn.Linear):
-            quantized_linears.add(name)
+        # the attention's q/k/v/output projections (written explicitly), mlp.0, mlp.3
+        assert block.kind == "block" and len(block.layers) == 6
+    assert not any(isinstance(layer, QuantMultiheadAttention) for layer in q.layers.values())
+    quantized_linears = {name for name, layer in q.layers.items()
+                         if isinstance(layer, QuantLayer) and isinstance(layer.layer, nn.Linear)}
     all_linears = {n for n, m in vit.named_modules() if isinstance(m, nn.Linear)}
-    assert all_linears == quantized_linears
+    projections = {f"{n}.{p}_proj" for n, m in vit.named_modules()
+                   if isinstance(m, nn.MultiheadAttention) for p in "qkv"}
+    assert all_linears | projections == quantized_linears
     calib = torch.randn(8, 3, 32, 32)
     qmodel, _ = quantize(vit, calib, BrecqConfig(weight_bits=4, act_bits=8, **TINY))
     assert torch.isfinite(qmodel(calib)).all()
@@ -214,11 +214,13 @@ def test_weight_quantizers_are_swapped_by_name_and_restored():
     config = BrecqConfig(weight_bits=4, act_bits=None, first_last_bits=None, scale_search="minmax")
     qmodel = prepare(_ProjectedAttention(), config, (torch.randn(2, 5, 8),))
     before = dict(qmodel.weight_quantizers)
-    assert set(before) == {"fc", "attn.in_proj_weight", "attn.out_proj.weight"}
-    swapped = {"fc": WeightQuantizer(8), "attn.out_proj.weight": WeightQuantizer(6)}
+    # The attention is written explicitly: its projections are Linear layers of their own.
+    assert set(before) == {"fc", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"}
+    swapped = {"fc": WeightQuantizer(8), "attn.out_proj": WeightQuantizer(6)}
     with qmodel.weight_quantizers_swapped(swapped):
         assert qmodel.weight_quantizers == {**before, **swapped}
-        assert qmodel.layer_bits("fc") == 8 and qmodel.layer_bits("attn") == 4
+        assert qmodel.layer_bits("fc") == 8 and qmodel.layer_bits("attn.q_proj") == 4
+        assert qmodel.layer_bits("attn.out_proj") == 6
     assert qmodel.weight_quantizers == before
     with pytest.raises(KeyError, match="'attn' is not a quantized weight"):
         qmodel.swap_weight_quantizer("attn", WeightQuantizer(8))

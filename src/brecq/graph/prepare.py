@@ -1,12 +1,16 @@
 """Turn a user's float model into a `QuantizedModel`.
 
-Steps: copy the model; fold BatchNorm; swap Conv/Linear (and MultiheadAttention) for quantized
+Steps: copy the model; write attention explicitly (`attention`: nn.MultiheadAttention as
+Linear projections with matmul and softmax, F.scaled_dot_product_attention decomposed on the
+graph); fold BatchNorm; swap Conv/Linear (and a MultiheadAttention left whole) for quantized
 wrappers; put one activation quantizer on every tensor that a quantized layer reads, right at
 the tensor's producer, so every consumer (residual adds included) sees the same quantized value;
 find reconstruction units. All on the torch.fx graph. A model whose own forward fx cannot trace
-has each child traced and prepared on its own graph; only one that calls weight layers from
-untraceable code falls back to the module tree (layer inputs quantized at the layer,
-`nn.Sequential` children as units).
+(or traces only by keeping whole a module holding weight layers) has each child traced and
+prepared on its own graph; a child called with keyword or non-tensor arguments is traced for
+that call (its tensors are the graph's inputs, the rest fixed). Only one that calls weight
+layers from untraceable code falls back to the module tree (layer inputs quantized at the
+layer, `nn.Sequential` children as units).
 
 The paths live in `traced` and `module_tree`, what they share in `layers`; this module chooses
 between them and checks that no weight layer the forward pass uses is left in float unasked.
@@ -25,6 +29,7 @@ from torch import Tensor, nn
 from ..config import BrecqConfig
 from ..errors import ModelError
 from ..quant import state
+from .attention import decompose_sdpa, explicit_multihead_attention
 from .layers import (
     WEIGHT_LAYERS,
     LayerBits,
@@ -37,7 +42,7 @@ from .layers import (
 from .model import QuantizedModel
 from .module_tree import execution_order, prepare_module_tree
 from .traced import prepare_traced
-from .tracing import bind_defaults, trace
+from .tracing import BoundCall, CallArguments, bind_defaults, trace
 from .units import UnitPredicate
 
 logger = logging.getLogger(__name__)
@@ -87,22 +92,28 @@ def _prepare_by_children(
             return None  # called by code fx cannot trace: only the module tree reaches it
         args, output, kwargs = io.get(name, ((None,), None, {}))
         try:
-            if kwargs or not all(isinstance(a, Tensor) for a in args):
-                raise TypeError("only positional tensor inputs are traced")
-            gm, leaves = trace(original[name], model, name + ".")
+            # Non-tensor arguments (None, flags) are fixed in the graph, tensors are its inputs.
+            call = CallArguments.of(original[name], args, kwargs)
+            gm, leaves = trace(original[name], model, name + ".", call)
+            with torch.no_grad():
+                if type(gm(*call.inputs)) is not type(output):  # fx made a dataclass a dict
+                    raise TypeError("the graph returns another type than the module")
         except Exception:  # noqa: BLE001 - its own forward does not trace: try its children
             pending += [f"{name}.{child}" for child, _ in original[name].named_children()]
             continue
-        traced[name] = (gm, leaves, args, any(id(a) in model_in for a in args), id(output) == model_out)
+        decompose_sdpa(gm)
+        inputs = call.inputs
+        traced[name] = (gm, leaves, call, any(id(a) in model_in for a in inputs),
+                        id(output) == model_out)
     if not traced:
         return None
     children: dict[str, QuantizedModel] = {}
-    for name, (gm, leaves, args, is_first, is_last) in traced.items():
-        bind_defaults(gm, len(args))
+    for name, (gm, leaves, call, is_first, is_last) in traced.items():
+        bind_defaults(gm, len(call.inputs))
         children[name] = prepare_traced(
-            gm, _scoped(config, name, is_first, is_last), args, unit_predicate, leaves, called,
-            original, model_input=is_first)
-        set_submodule(model, name, children[name])
+            gm, _scoped(config, name, is_first, is_last), call.inputs, unit_predicate, leaves,
+            called, original, model_input=is_first)
+        set_submodule(model, name, children[name] if call.plain else BoundCall(children[name], call))
     try:  # the model's own code may also use what was replaced (a child's attributes, say)
         with torch.no_grad(), state.quantization(model, weights=False, acts=False):
             torch.testing.assert_close(model(*example_inputs), io[""][1], rtol=1e-3, atol=1e-3)
@@ -124,6 +135,26 @@ def _prepare_by_children(
         [dataclasses.replace(u, name=n) if u.kind == "net" else u
          for n in sorted(children, key=order.index) for u in children[n].units], None,
         bits.first, bits.last, traced=False)
+
+
+def _prepare_leaves_by_children(
+    model: nn.Module, config: BrecqConfig, example_inputs: tuple,
+    unit_predicate: UnitPredicate | None, called: list[str], leaves: set[str],
+) -> QuantizedModel | None:
+    """A model fx traces only by keeping whole a module that holds weight layers (a wrapper
+    around a Hugging Face model, whose own forward builds masks fx cannot trace): prepared by
+    its children instead when that puts every weight layer on a graph, so none is left inside
+    an opaque node. None otherwise (`model` is then unchanged)."""
+    if not any(layer.startswith(leaf + ".") for layer in called for leaf in leaves):
+        return None
+    candidate = copy.deepcopy(model)
+    qmodel = _prepare_by_children(candidate, config, example_inputs, unit_predicate, called)
+    if qmodel is not None:
+        logger.warning(
+            "torch.fx cannot trace into %s of %s; its children are traced and prepared one by "
+            "one instead, and the code around them runs as written", ", ".join(sorted(leaves)),
+            type(model).__name__)
+    return qmodel
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,13 +260,20 @@ def prepare(
     if model_device is not None:
         example_inputs = tuple(x.to(model_device) if isinstance(x, Tensor) else x
                                for x in example_inputs)
+    check_float_layers(config, dict(work.named_modules()))
+    # Attention as matmul and softmax nodes; an nn.MultiheadAttention kept in float stays whole.
+    explicit_multihead_attention(
+        work, example_inputs,
+        keep=lambda name: is_float_layer(name, config) or is_float_layer(f"{name}.out_proj", config))
     calls = _called_weight_layers(work, example_inputs)
     called = list(calls)
     modules = dict(work.named_modules())
-    check_float_layers(config, modules)
     direct_reads: set[str] = set()
+    qmodel: QuantizedModel | None = None
     try:
-        traced, leaves = trace(work)
+        # Example values let shape-unpacking code trace (`view(*x.shape[:-1], heads, -1)`).
+        root_call = CallArguments.of(work, example_inputs, {})
+        traced, leaves = trace(work, call=root_call if root_call.plain else None)
     except Exception as exc:  # noqa: BLE001 - any tracing failure: trace the parts, or the tree
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         qmodel = _prepare_by_children(work, config, example_inputs, unit_predicate, called)
@@ -249,9 +287,16 @@ def prepare(
                 "torch.fx cannot trace %s (%s), nor can its children stand for it; falling back "
                 "to the module tree: activation inputs are quantized at each layer and "
                 "nn.Sequential children are the units", type(model).__name__, reason)
+            # The module tree quantizes nn.MultiheadAttention whole: start from the original.
             work = copy.deepcopy(model).eval()
+            calls = _called_weight_layers(work, example_inputs)
+            called = list(calls)
+            modules = dict(work.named_modules())
             qmodel = prepare_module_tree(work, config, example_inputs, unit_predicate)
     else:
+        qmodel = _prepare_leaves_by_children(work, config, example_inputs, unit_predicate, called,
+                                             leaves)
+    if qmodel is None:
         if leaves:
             logger.warning(
                 "torch.fx cannot trace into %s of %s; each is kept as one node of the graph, its "
@@ -259,6 +304,7 @@ def prepare(
                 ", ".join(sorted(leaves)), type(model).__name__,
             )
         bind_defaults(traced, len(example_inputs))
+        decompose_sdpa(traced)
         direct_reads = {n.target.rpartition(".")[0] for n in traced.graph.nodes if n.op == "get_attr"}
         qmodel = prepare_traced(traced, config, example_inputs, unit_predicate, leaves, called,
                                 modules)
