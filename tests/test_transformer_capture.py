@@ -12,10 +12,9 @@ from brecq.graph.attention import (
     ExplicitMultiheadAttention,
     decompose_sdpa,
     explicit_multihead_attention,
-    is_matmul,
-    is_softmax,
 )
 from brecq.graph.model import QuantizedModel
+from brecq.graph.placement import is_matmul, is_softmax
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")

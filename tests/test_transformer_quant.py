@@ -2,21 +2,18 @@
 softmax output (log2 or uniform), LayerNorm and GELU outputs, residual adds on request; kinds in
 `brecq info`; reconstruction and ONNX export on a tiny random-weight ViT."""
 
-import operator
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from brecq import BrecqConfig, quantize
-from brecq.graph.placement import moves_values
+from brecq.graph.placement import is_matmul, moves_values
 from brecq.graph.prepare import prepare
 from brecq.quant.modules import QuantLayer
 from brecq.quant.quantizers import ActQuantizer, Log2Quantizer
 
 TINY = dict(iters_w=4, iters_a=4, calib_size=16, batch_size=8, act_init_samples=8, device="cpu")
-MATMULS = {torch.matmul, operator.matmul, torch.bmm}
 
 
 class TinyBlock(nn.Module):
@@ -75,8 +72,7 @@ def _matmul_and_linear_inputs(qmodel) -> tuple[list, list]:
     gm = qmodel.network
     matmuls, linears = [], []
     for node in gm.graph.nodes:
-        if (node.op == "call_function" and node.target in MATMULS) or (
-                node.op == "call_method" and node.target in ("matmul", "bmm")):
+        if is_matmul(node):
             matmuls.append([_quantized_reads(gm, a) for a in node.args[:2]])
         elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), QuantLayer):
             linears.append(_quantized_reads(gm, node.args[0]))

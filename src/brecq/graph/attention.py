@@ -31,24 +31,6 @@ logger = logging.getLogger(__name__)
 _SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
                 "enable_gqa")
-MATMULS = (torch.matmul, operator.matmul, torch.bmm)
-SOFTMAXES = (torch.softmax, F.softmax, torch.Tensor.softmax)
-
-
-def is_matmul(node: fx.Node) -> bool:
-    """A product of two activations (not a weight layer): torch.matmul, `@`, bmm, `.matmul`."""
-    if node.op == "call_function":
-        return node.target in MATMULS
-    return node.op == "call_method" and node.target in ("matmul", "bmm")
-
-
-def is_softmax(node: fx.Node, gm: fx.GraphModule) -> bool:
-    """A softmax: the function, the tensor method, or an `nn.Softmax` module (timm's Swin)."""
-    if node.op == "call_function":
-        return node.target in SOFTMAXES
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), nn.Softmax)
-    return node.op == "call_method" and node.target == "softmax"
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ DequantizeLinear -> op -> QuantizeLinear group into one integer kernel only when
   (onnxruntime folds those into the QuantizeLinear), unless it only goes to the network output
   (the classifier's logits stay float: a Gemm/MatMul without an output QuantizeLinear still runs
   as QGemm / MatMulIntegerToFloat);
-- both inputs and the output of residual adds (QLinearAdd);
+- both inputs and the output of residual adds (QLinearAdd; not the adds of a bias or mask to
+  attention scores, which stay float up to the softmax);
 - the inputs of pooling (QLinearAveragePool / QLinearGlobalAveragePool; max pooling runs on
   int8 as is) and of the classifier (already a layer input);
 - the inputs and the output of concatenations (QLinearConcat requantizes each input with its own
@@ -80,7 +81,7 @@ _CONCAT_FUNCTIONS = {torch.cat, torch.concat}
 
 _MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm}
 _MATMUL_METHODS = {"matmul", "bmm"}
-_SOFTMAX = ((nn.Softmax,), {F.softmax, torch.softmax}, {"softmax"})
+_SOFTMAX = ((nn.Softmax,), {F.softmax, torch.softmax, torch.Tensor.softmax}, {"softmax"})
 _LAYERNORM = ((nn.LayerNorm, nn.GroupNorm, nn.RMSNorm), {F.layer_norm, F.group_norm, F.rms_norm},
               set())
 _GELU = ((nn.GELU,), {F.gelu}, set())
@@ -127,6 +128,28 @@ def _is_add(node: fx.Node) -> bool:
     return adds and sum(_is_tensor(a) for a in node.args[:2]) == 2
 
 
+def _adds_attention_bias(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether the add `node` adds a bias or mask to attention scores: its sum reaches only
+    softmaxes, through ops that move values and further such adds (Swin: relative position
+    bias, then the shift mask). A mask holds -inf or the dtype's lowest value where attention is
+    masked, which no grid of a few bits holds next to the scores; so the sum stays float, as
+    the scores do, and these adds are no residual adds."""
+    stack, seen = list(node.users), set()
+    while stack:
+        user = stack.pop()
+        if user in seen or is_softmax(user, gm):
+            continue
+        seen.add(user)
+        if not (moves_values(user, gm) or _is_add(user)):
+            return False
+        stack.extend(user.users)
+    return bool(node.users)
+
+
+def _is_residual_add(node: fx.Node, gm: fx.GraphModule) -> bool:
+    return _is_add(node) and not _adds_attention_bias(node, gm)
+
+
 def _output_point(node: fx.Node, gm: fx.GraphModule) -> fx.Node:
     """The end of the chain of folded activations that `node`'s output alone feeds."""
     while len(node.users) == 1:
@@ -145,6 +168,8 @@ def value_source(node: fx.Node, gm: fx.GraphModule) -> fx.Node:
 
 
 def _matmul_operands(node: fx.Node) -> list:
+    """The two operands of a product of tensors that is not a weight layer (torch.matmul, `@`,
+    bmm, `.matmul`, `.bmm`, a two-operand torch.einsum); [] for any other node."""
     if node.op == "call_function" and node.target is torch.einsum:
         operands = node.args[1:]
         operands = operands[0] if len(operands) == 1 and isinstance(operands[0], (list, tuple)) \
@@ -153,6 +178,16 @@ def _matmul_operands(node: fx.Node) -> list:
     matmul = (node.op == "call_function" and node.target in _MATMUL_FUNCTIONS) or (
         node.op == "call_method" and node.target in _MATMUL_METHODS)
     return list(node.args[:2]) if matmul else []
+
+
+def is_matmul(node: fx.Node) -> bool:
+    """Whether `node` multiplies two tensors (attention's Q.K^T, probabilities.V), not weights."""
+    return bool(_matmul_operands(node))
+
+
+def is_softmax(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """A softmax: the function, the tensor method, or an `nn.Softmax` module (timm's Swin)."""
+    return _matches(node, gm, *_SOFTMAX)
 
 
 def _is_activation(node: object, gm: fx.GraphModule) -> bool:
@@ -169,7 +204,7 @@ def transformer_points(gm: fx.GraphModule, layer_inputs: set[fx.Node], matmuls: 
     for node in gm.graph.nodes:
         operands = _matmul_operands(node) if matmuls else []
         kind = MATMUL_INPUT
-        if not operands and residual_adds and _is_add(node):
+        if not operands and residual_adds and _is_residual_add(node, gm):
             operands, kind = list(node.args[:2]), RESIDUAL_ADD_INPUT
         if not all(_is_activation(a, gm) for a in operands):
             continue
@@ -177,7 +212,7 @@ def transformer_points(gm: fx.GraphModule, layer_inputs: set[fx.Node], matmuls: 
             source = value_source(operand, gm)
             if source in layer_inputs or operand in layer_inputs:
                 continue
-            if kind == MATMUL_INPUT and _matches(source, gm, *_SOFTMAX):
+            if kind == MATMUL_INPUT and is_softmax(source, gm):
                 points.setdefault(source, SOFTMAX_OUTPUT)
             else:
                 points.setdefault(operand, kind)
@@ -199,7 +234,7 @@ def tensor_kind(node: fx.Node, gm: fx.GraphModule, layer_kind: str | None,
         return point_kind or layer_kind
     if source.op == "placeholder":
         return "network input"
-    for test, kind in ((_is_add, RESIDUAL_ADD_INPUT),
+    for test, kind in ((lambda n: _is_residual_add(n, gm), RESIDUAL_ADD_INPUT),
                        (lambda n: _matches(n, gm, _POOL_MODULES, _POOL_FUNCTIONS, set()), "pool input"),
                        (lambda n: n.op == "call_function" and n.target in _CONCAT_FUNCTIONS,
                         "concat input")):
@@ -227,7 +262,8 @@ def backend_points(gm: fx.GraphModule, layer_nodes: set[fx.Node], last_layers: s
     for node in gm.graph.nodes:
         if node in layer_nodes and node.target not in last_layers:
             wanted.add(_output_point(node, gm))
-        elif _is_add(node) or (node.op == "call_function" and node.target in _CONCAT_FUNCTIONS):
+        elif _is_residual_add(node, gm) or (
+                node.op == "call_function" and node.target in _CONCAT_FUNCTIONS):
             wanted.update(_tensor_inputs(node))
             wanted.add(_output_point(node, gm))
         elif _matches(node, gm, _POOL_MODULES, _POOL_FUNCTIONS, set()):

@@ -80,6 +80,11 @@ class GraphIndex:
     def single_cut_after(self, position: int) -> bool:
         return self.live[position + 1] == 1
 
+    def read_after(self, start: int, end: int) -> bool:
+        """Whether a later node or the graph output reads a value of nodes[start..end]."""
+        return any(user.op == "output" or self.position.get(user, -1) > end
+                   for node in self.nodes[start : end + 1] for user in node.users)
+
     def layers_in(self, start: int, end: int) -> tuple[str, ...]:
         """Weight layers called in nodes[start..end], each once (in order of first call)."""
         return tuple(dict.fromkeys(
@@ -216,6 +221,21 @@ def _merge_shared_layers(index: GraphIndex, units: list[UnitPlan]) -> list[UnitP
     return merged
 
 
+def _merge_unread(index: GraphIndex, units: list[UnitPlan]) -> list[UnitPlan]:
+    """Join a unit whose values nothing after it reads (a BERT pooler when a wrapper returns
+    only the hidden states) to the unit before it: it has no output to be reconstructed
+    against, and its layers are quantized in that unit's pass."""
+    merged: list[UnitPlan] = []
+    for unit in units:
+        if merged and not index.read_after(unit.start, unit.end):
+            last = merged[-1]
+            merged[-1] = UnitPlan(last.name, last.kind, last.start, unit.end,
+                                  index.layers_in(last.start, unit.end))
+        else:
+            merged.append(unit)
+    return merged
+
+
 def plan_units(
     graph: fx.Graph,
     layer_targets: set[str],
@@ -229,7 +249,8 @@ def plan_units(
     `inner_layers` maps a module called as one node (not traced into) to the weight layers it holds.
     """
     index = GraphIndex(graph, layer_targets, inner_layers)
-    return _merge_shared_layers(index, _plan(index, granularity, unit_names, unit_predicate))
+    units = _merge_shared_layers(index, _plan(index, granularity, unit_names, unit_predicate))
+    return _merge_unread(index, units)
 
 
 def _plan(index: GraphIndex, granularity: str, unit_names: Sequence[str] | None,

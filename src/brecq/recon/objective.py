@@ -55,8 +55,12 @@ class UnitObjective:
         inputs = [self.cache.batch(k, index) for k in self.input_keys]
         if drop_prob > 0 and self.fp_input_keys:
             # QDrop on the unit input: each element is the float input with probability p.
+            # Integer and boolean inputs (token ids, attention masks) are never quantized.
             mixed = []
             for q_in, key in zip(inputs, self.fp_input_keys):
+                if not q_in.is_floating_point():
+                    mixed.append(q_in)
+                    continue
                 fp_in = self.cache.batch(key, index)
                 noise = torch.rand_like(q_in, generator=self.drop_generator)
                 mixed.append(torch.where(noise < drop_prob, fp_in, q_in))
