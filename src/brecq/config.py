@@ -10,19 +10,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The bit-width checks are also brecq.config's (other configs and the quantizers use them).
+from .config_checks import MAX_BITS as MAX_BITS
+from .config_checks import MIN_BITS as MIN_BITS
+from .config_checks import check_bits as check_bits
+from .config_checks import check_choices as check_choices
+from .config_checks import checked_fields
 from .durations import duration_seconds
 from .errors import ConfigError
 from .methods import AUTO, DEFAULT_ROUND_LAMBDA, DEFAULT_WEIGHT_LR, METHOD_REGISTRY, Phase, auto_rule
 
 logger = logging.getLogger(__name__)
-
-MIN_BITS = 2
-MAX_BITS = 8
 
 METHODS = (AUTO, *METHOD_REGISTRY)
 GRANULARITIES = ("layer", "block", "stage", "net")
@@ -142,24 +144,6 @@ def flag_field(default: Any, flag: str, help_text: str, **extra: Any) -> Any:
     if isinstance(default, dict):
         return field(default_factory=default.copy, metadata=metadata)
     return field(default=default, metadata=metadata)
-
-
-def check_bits(bits: Any, what: str) -> int:
-    """Return `bits` as an int if it is a supported bit width, else raise ConfigError."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise ConfigError(
-            f"{what}={bits!r} is not supported: use an integer from {MIN_BITS} to {MAX_BITS} bits"
-        )
-    return bits
-
-
-def check_choices(config: Any) -> None:
-    """ConfigError for the first field of the config dataclass `config` whose value is not one
-    of the field's `choices` (see `flag_field`)."""
-    for f in dataclasses.fields(config):
-        value, allowed = getattr(config, f.name), f.metadata.get("choices")
-        if allowed is not None and value not in allowed:
-            raise ConfigError(f"{f.name}={value!r} is unknown: choose one of {', '.join(allowed)}")
 
 
 @dataclass(frozen=True)
@@ -342,68 +326,10 @@ class BrecqConfig:
     )
 
     def __post_init__(self) -> None:
-        check_bits(self.weight_bits, "weight_bits")
-        if self.act_bits is not None:
-            check_bits(self.act_bits, "act_bits")
-        if self.first_last_bits is not None:
-            check_bits(self.first_last_bits, "first_last_bits")
-        check_choices(self)
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.type in ("bool", bool) and not isinstance(value, bool):
-                raise ConfigError(f"{f.name}={value!r} must be true or false")
-        if self.time_budget is not None:
-            seconds = duration_seconds(self.time_budget)
-            if not (seconds > 0 and math.isfinite(seconds)):
-                raise ConfigError(f"time_budget={self.time_budget!r} must be a positive number of"
-                                  " seconds (or None for no limit)")
-            object.__setattr__(self, "time_budget", seconds)
-        for name in ("iters_w", "iters_a", "act_init_samples", "holdout_patience"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{name}={value!r} must be a non-negative integer")
-        for name in ("calib_size", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}={value!r} must be a positive integer")
-        for name in ("lp_norm", "act_loss_p", "beta_start", "beta_end", "dist_timeout"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigError(f"{name}={value!r} must be a positive number")
-        for name in ("weight_lr", "act_lr"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and value > 0):
-                raise ConfigError(f"{name}={value!r} must be a positive number (or None for the"
-                                  " method's default)")
-        if self.cache_budget_gb is not None and not self.cache_budget_gb >= 0:
-            raise ConfigError(f"cache_budget_gb={self.cache_budget_gb!r} must be >= 0 (or None)")
-        if not (self.fisher_floor >= 0 and math.isfinite(self.fisher_floor)):
-            raise ConfigError(f"fisher_floor={self.fisher_floor!r} must be a finite number >= 0:"
-                              " use e.g. 1.0, or 0 for the pure squared gradient")
-        if not 0 <= self.early_stop < 1:
-            raise ConfigError(f"early_stop={self.early_stop!r} must be in [0, 1): a fraction of"
-                              " the loss, 0 turns early stopping off")
-        if self.round_lambda is not None and not (
-                isinstance(self.round_lambda, (int, float)) and self.round_lambda >= 0):
-            raise ConfigError(f"round_lambda={self.round_lambda!r} must be >= 0 (or None for the"
-                              " method's default)")
-        if not 0 <= self.warmup < 1:
-            raise ConfigError(f"warmup={self.warmup!r} must be in [0, 1)")
-        if not 0 <= self.drop_prob <= 1:
-            raise ConfigError(f"drop_prob={self.drop_prob!r} must be in [0, 1]")
-        for name in ("layer_bits", "act_layer_bits"):
-            mapping = getattr(self, name)
-            if not isinstance(mapping, dict):
-                raise ConfigError(f"{name} must map layer names to bit widths, got {mapping!r}")
-            for key, bits in mapping.items():
-                check_bits(bits, f"{name}[{key!r}]")
-            object.__setattr__(self, name, dict(mapping))
-        for name in ("first_layers", "last_layers", "float_layers", "unit_names"):
-            names = getattr(self, name)
-            if names is not None:
-                if isinstance(names, str) or not all(isinstance(n, str) for n in names):
-                    raise ConfigError(f"{name} must be a list of module names, got {names!r}")
-                object.__setattr__(self, name, tuple(names))
+        # Field checks live in `config_checks`; they hand back values in their canonical form
+        # (seconds for a duration, tuples for name lists, plain dicts for bit maps).
+        for name, value in checked_fields(self).items():
+            object.__setattr__(self, name, value)
 
     @property
     def scheme(self) -> QuantScheme:
