@@ -281,10 +281,14 @@ def test_hugging_face_bert_layers_are_traced_with_attention_explicit(attention):
     torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.pooler_output, ref.pooler_output, atol=1e-5, rtol=1e-5)
     # The attention (with its residual and LayerNorm) and the feed-forward part of each layer.
+    # sdpa passes the layers a boolean mask, a side tensor that leaves BertAttention a module
+    # between two cuts; eager passes a float mask, live beside the hidden states: a graph piece.
     layer = "encoder.layer.{}.".format
+    attention_unit = {"sdpa": "{0}attention",
+                      "eager": "{0}attention.self.query..{0}attention.output.dense"}[attention]
     assert [u.name for u in qmodel.units] == [
         name for i in range(2) for name in (
-            f"{layer(i)}attention.self.query..{layer(i)}attention.output.dense",
+            attention_unit.format(layer(i)),
             f"{layer(i)}intermediate.dense..{layer(i)}output.dense")] + ["pooler.dense"]
 
 

@@ -27,7 +27,7 @@ from .placement import (
     tensor_kind,
     transformer_points,
 )
-from .units import UnitPlan, UnitPredicate, plan_units
+from .units import SIDE_TENSOR, UnitPlan, UnitPredicate, plan_units
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +58,20 @@ def _activation_names(gm: fx.GraphModule, producers: Iterable[fx.Node]) -> dict[
 
 
 class _TensorRecorder(fx.Interpreter):
-    """Marks which nodes produce tensors, so shape arithmetic is not taken for data flow."""
+    """Marks which nodes produce tensors, so shape arithmetic is not taken for data flow, and
+    which produce side tensors: integer or boolean tensors with the inputs' batch dimension
+    (attention masks, token indices), no activations (`units.SIDE_TENSOR`)."""
+
+    def __init__(self, gm: fx.GraphModule, batch: int | None) -> None:
+        super().__init__(gm)
+        self.batch = batch
 
     def run_node(self, node: fx.Node):  # noqa: ANN201
         result = super().run_node(node)
         node.meta["brecq_is_tensor"] = isinstance(result, Tensor)
+        node.meta[SIDE_TENSOR] = (
+            isinstance(result, Tensor) and not result.is_floating_point()
+            and not result.is_complex() and result.dim() > 0 and result.shape[0] == self.batch)
         return result
 
 
@@ -254,7 +263,8 @@ def _fold_and_record(gm: fx.GraphModule, example_inputs: tuple, leaves: set[str]
         # Inside modules fx could not trace, pairs come from one run (tensor identity).
         folded += fold_batchnorm_eager(gm, example_inputs, within=leaves)
     logger.info("folded %d BatchNorm layers into the layers before them", folded)
-    _TensorRecorder(gm).run(*example_inputs)
+    batch = next((x.shape[0] for x in example_inputs if isinstance(x, Tensor) and x.dim()), None)
+    _TensorRecorder(gm, batch).run(*example_inputs)
 
 
 def _resolve_bits(gm: fx.GraphModule, layer_nodes: set[fx.Node], names: list[str],

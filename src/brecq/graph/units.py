@@ -1,7 +1,10 @@
 """Reconstruction units found from the model's torch.fx graph.
 
 The graph's nodes, in execution order, are cut where exactly one value is live: such a cut point
-separates the network into pieces that take one tensor and give one tensor. A *block* is the
+separates the network into pieces that take one tensor and give one tensor. Side tensors do not
+count: integer or boolean tensors with the batch dimension (an attention mask computed once
+from the input and read by every layer, token indices) are no activations, and a unit takes
+them as extra inputs. A *block* is the
 smallest module of the model whose nodes form a contiguous run between two cut points and hold
 at least two weight layers (a residual block, an inverted residual, a transformer layer); where
 the graph has such a piece without a module of its own, the piece itself is a block. Layers
@@ -19,6 +22,9 @@ import torch.fx as fx
 from ..errors import ConfigError
 
 UnitPredicate = Callable[[str], bool]
+
+# Node meta key: True for a side tensor (set where the graph is run on example inputs).
+SIDE_TENSOR = "brecq_side_tensor"
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,7 @@ class GraphIndex:
         # index 0 stands for the cut before the first node, so live has count + 1 entries.
         diff = [0] * (count + 2)
         for node in graph.nodes:
-            if node.op in ("output", "get_attr"):
+            if node.op in ("output", "get_attr") or node.meta.get(SIDE_TENSOR, False):
                 continue
             defined = -1 if node.op == "placeholder" else self.position[node]
             uses = [count if u.op == "output" else self.position[u] for u in node.users]

@@ -73,6 +73,8 @@ class UnitObjective:
         outputs = as_tuple(self.unit(*inputs))
         total = outputs[0].new_zeros((), dtype=torch.float32)
         for k, out in enumerate(outputs):
+            if not out.is_floating_point():  # an attention mask the next unit reads as well
+                continue
             weight = weights[k] if weights else None
             total = total + P.lp_error(out.float(), targets[k], self.loss_p, weight)
         return total
