@@ -264,3 +264,29 @@ def test_saved_vit_loads_back_bit_exactly(tmp_path):
     assert sum(isinstance(q, Log2Quantizer) for q in loaded.act_quantizers.values()) == 2
     with torch.no_grad():
         assert torch.equal(qmodel(x), loaded(x))
+
+
+class MaskedAttention(nn.Module):
+    """Attention whose scores get a mask computed from the input: -inf where a key is padding."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padding = x[..., 0] > 1.0  # [N, L]: a key position the queries must not see
+        bias = torch.zeros_like(padding, dtype=x.dtype).masked_fill(padding, float("-inf"))
+        scores = self.q(x) @ self.k(x).transpose(-2, -1) + bias[:, None, :]
+        return self.out(torch.softmax(scores, dim=-1) @ self.v(x))
+
+
+@pytest.mark.parametrize("backend", ["none", "onnxruntime"])
+def test_attention_mask_adds_stay_float(backend):
+    x = torch.randn(8, 6, 16)
+    x[:, 0, 0] = 0.0  # every query sees at least one key
+    config = BrecqConfig(weight_bits=8, act_bits=8, method="rtn", backend=backend,
+                         quantize_residual_adds=True, **TINY)
+    qmodel, _ = quantize(MaskedAttention().eval(), x, config)  # calibrating on -inf would fail
+    kinds = [q.kind for q in qmodel.act_quantizers.values()]
+    assert "residual add input" not in kinds and "add output" not in kinds
+    assert kinds.count("matmul input") == 3 and kinds.count("softmax output") == 1
