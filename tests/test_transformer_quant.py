@@ -221,8 +221,8 @@ def test_config_fields_round_trip_and_are_checked():
                          quantize_residual_adds=True)
     assert BrecqConfig.from_json(config.to_json()) == config
     assert config.scheme.softmax_quantizer == "uniform" and config.scheme.quantize_residual_adds
-    assert BrecqConfig().softmax_quantizer == "log2" and BrecqConfig().quantize_matmul_inputs
-    with pytest.raises(ConfigError, match="log2, uniform"):
+    assert BrecqConfig().softmax_quantizer == "auto" and BrecqConfig().quantize_matmul_inputs
+    with pytest.raises(ConfigError, match="auto, log2, uniform"):
         BrecqConfig(softmax_quantizer="log")
     with pytest.raises(ConfigError, match="true or false"):
         BrecqConfig(quantize_matmul_inputs="yes")
@@ -247,7 +247,8 @@ class EinsumAttention(nn.Module):
 
 
 def test_einsum_bmm_and_softmax_module_are_recognized():
-    qmodel = prepare(EinsumAttention().eval(), BrecqConfig(backend="none"), (torch.randn(2, 6, 16),))
+    qmodel = prepare(EinsumAttention().eval(), BrecqConfig(backend="none", softmax_quantizer="log2"),
+                     (torch.randn(2, 6, 16),))
     kinds = sorted(q.kind for q in qmodel.act_quantizers.values())
     assert kinds == ["linear input", "matmul input", "matmul input", "matmul input", "softmax output"]
     assert sum(isinstance(q, Log2Quantizer) for q in qmodel.act_quantizers.values()) == 1
@@ -257,7 +258,7 @@ def test_saved_vit_loads_back_bit_exactly(tmp_path):
     from brecq import load_quantized, save_quantized
 
     model, x = tiny_vit(), torch.randn(8, 3, 32, 32)
-    config = BrecqConfig(weight_bits=4, act_bits=4, method="rtn", **TINY)
+    config = BrecqConfig(weight_bits=4, act_bits=4, method="rtn", softmax_quantizer="log2", **TINY)
     qmodel, _ = quantize(model, x, config)
     save_quantized(qmodel, tmp_path, config=config, example_input=x[:1])
     loaded = load_quantized(tiny_vit(), tmp_path)

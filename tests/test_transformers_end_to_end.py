@@ -3,7 +3,7 @@ configurations): timm ViT (fused attention on), timm DeiT, timm Swin, torchvisio
 Hugging Face BERT encoder.
 
 For each: (a) every Linear and both inputs of every attention matmul are quantized, counted
-against the number of attention layers, the softmax output with a log2 quantizer; (b) at W8A8
+against the number of attention layers, the softmax output with a log2 quantizer below 8 bits; (b) at W8A8
 the output stays close to float; (c) a short QDrop reconstruction (LayerNorm
 reparameterization on, the default) keeps it finite and close; (d) the ONNX QDQ export runs in
 onnxruntime and agrees with the fake-quantized PyTorch model. (e) `brecq info` lists the kinds.
@@ -29,6 +29,9 @@ torchvision = pytest.importorskip("torchvision")
 # Few samples and iterations: the point is that every stage runs on these models, not accuracy.
 FAST = dict(calib_size=16, batch_size=8, act_init_samples=8, device="cpu")
 W8A8 = dict(weight_bits=8, act_bits=8, **FAST)
+# Every layer at 4 bits (none kept at 8 as a first or last layer): the default softmax quantizer
+# is log2 there.
+W4A4_ALL = dict(weight_bits=4, act_bits=4, first_last_bits=None, **FAST)
 
 
 def _tokens_like_trained(*tokens: nn.Parameter) -> None:
@@ -170,7 +173,7 @@ def _linear_names(model: nn.Module) -> set[str]:
 def test_every_linear_and_every_attention_matmul_input_is_quantized(name):
     build, inputs, attention, linears = MODELS[name]
     model = build()
-    qmodel = prepare(model, BrecqConfig(**W8A8), (inputs(2, seed=0),))
+    qmodel = prepare(model, BrecqConfig(**W4A4_ALL), (inputs(2, seed=0),))
     quantized_linears = {n for n, layer in qmodel.layers.items()
                          if isinstance(layer, QuantLayer) and isinstance(layer.layer, nn.Linear)}
     assert len(quantized_linears) == linears
@@ -187,6 +190,10 @@ def test_every_linear_and_every_attention_matmul_input_is_quantized(name):
     assert kinds[MATMUL_INPUT] == 3 * attention and kinds[SOFTMAX_OUTPUT] == attention
     probabilities = [pair[0] for pair in operands[1::2]]
     assert all(isinstance(q, Log2Quantizer) and q.kind == SOFTMAX_OUTPUT for q in probabilities)
+    # At 8 bits the default takes the uniform grid (log2's sqrt(2) steps would be the coarser).
+    at_8_bits = prepare(model, BrecqConfig(**W8A8), (inputs(2, seed=0),))
+    probabilities = [pair[0] for pair in _matmul_operand_quantizers(at_8_bits)[1::2]]
+    assert probabilities and all(type(q) is ActQuantizer for q in probabilities)
     assert len({id(q) for pair in operands for q in pair}) == 4 * attention
     assert kinds["layernorm output"] >= attention and kinds["gelu output"] == attention
 

@@ -39,7 +39,7 @@ BACKENDS = ("onnxruntime", "none")
 # The quantizer of attention probabilities (softmax outputs read by a matmul): "log2" codes a
 # value in [0, 1] as scale * 2^-k (RepQ-ViT, FQ-ViT), which keeps the many small
 # probabilities apart; "uniform" is the affine activation quantizer every other tensor gets.
-SOFTMAX_QUANTIZERS = ("log2", "uniform")
+SOFTMAX_QUANTIZERS = ("auto", "log2", "uniform")
 
 
 # The three layers of a config, as typed views of its flat fields: each BrecqConfig field is in
@@ -233,8 +233,9 @@ class BrecqConfig:
         " output that feeds one gets --softmax-quantizer",
     )
     softmax_quantizer: str = flag_field(
-        "log2", "--softmax-quantizer", "quantizer of attention probabilities: log2 (scale *"
-        " 2^-k, as RepQ-ViT/FQ-ViT) or uniform", choices=SOFTMAX_QUANTIZERS,
+        "auto", "--softmax-quantizer", "quantizer of attention probabilities: log2 (scale *"
+        " 2^-k, as RepQ-ViT/FQ-ViT), uniform, or auto: log2 below 8 bits, uniform at 8 (log2"
+        " keeps only a factor-of-sqrt(2) precision whatever its bits)", choices=SOFTMAX_QUANTIZERS,
     )
     quantize_residual_adds: bool = flag_field(
         False, "--quantize-residual-adds", "with --backend none: also quantize both inputs"

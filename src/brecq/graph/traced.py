@@ -283,11 +283,14 @@ def _resolve_bits(gm: fx.GraphModule, layer_nodes: set[fx.Node], names: list[str
 def _act_quantizer(gm: fx.GraphModule, producer: fx.Node, point_kind: str | None,
                    readers: set[nn.Module], bits: int, config: BrecqConfig) -> ActQuantizer:
     """The quantizer of the tensor `producer` (`readers`: the layers that read it): log2 for
-    attention probabilities if `softmax_quantizer` says so, else the affine one."""
+    attention probabilities if `softmax_quantizer` says so (`auto`: below 8 bits, where the
+    uniform grid has too few levels for small probabilities; at 8 bits log2's sqrt(2) steps are
+    the coarser), else the affine one."""
     kinds = {input_kind(layer) for layer in readers}
     layer_kind = kinds.pop() if len(kinds) == 1 else "layer input" if kinds else None
     kind = tensor_kind(producer, gm, layer_kind, point_kind)
-    if point_kind == SOFTMAX_OUTPUT and config.softmax_quantizer == "log2":
+    log2 = config.softmax_quantizer == "log2" or (config.softmax_quantizer == "auto" and bits < 8)
+    if point_kind == SOFTMAX_OUTPUT and log2:
         return Log2Quantizer(bits, kind=kind)
     return ActQuantizer(bits, symmetric=config.act_symmetric, kind=kind)
 
