@@ -153,6 +153,7 @@ class StackedInputs(nn.Module):
         self.model = model
 
     def forward(self, ids_and_mask: torch.Tensor) -> torch.Tensor:
+        ids_and_mask = ids_and_mask.long()  # brecq passes them as float (see brecq_run)
         return self.model(input_ids=ids_and_mask[:, 0],
                           attention_mask=ids_and_mask[:, 1]).last_hidden_state
 
@@ -183,6 +184,7 @@ class LayerByLayer(nn.Module):
         self.layers = nn.ModuleList(MaskCarryingLayer(layer) for layer in model.encoder.layer)
 
     def forward(self, ids_and_mask: torch.Tensor) -> torch.Tensor:
+        ids_and_mask = ids_and_mask.long()  # brecq passes them as float (see brecq_run)
         hidden = self.embeddings(input_ids=ids_and_mask[:, 0])
         packed = torch.cat([hidden, ids_and_mask[:, 1].unsqueeze(-1).to(hidden.dtype)], -1)
         for layer in self.layers:
@@ -266,7 +268,11 @@ def ort_dynamic_embeddings(model: nn.Module, tokens: torch.Tensor, workdir: Path
                       dynamic_axes={"input_ids": {0: "b", 1: "l"}, "attention_mask": {0: "b", 1: "l"},
                                     "hidden": {0: "b", 1: "l"}},
                       opset_version=17, dynamo=False)
-    quantize_dynamic(str(fp_path), str(q_path), weight_type=QuantType.QInt8)
+    logging.disable(logging.INFO)  # onnxruntime logs a line per tensor it leaves in float
+    try:
+        quantize_dynamic(str(fp_path), str(q_path), weight_type=QuantType.QInt8)
+    finally:
+        logging.disable(logging.NOTSET)
     seconds = time.perf_counter() - started
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -337,9 +343,11 @@ def brecq_run(wrapped: nn.Module, calib: torch.Tensor, eval_tokens: torch.Tensor
               ref: torch.Tensor, method: str, bits: str, args: argparse.Namespace) -> dict[str, Any]:
     config = make_config(method, bits, args)
     started = time.perf_counter()
-    qmodel, report = quantize(wrapped, calib, config)
+    # Token ids as float (exact below 2**24): QDrop mixes each unit's quantized and float inputs
+    # with torch.rand_like, which has no integer version, and the first unit reads the ids.
+    qmodel, report = quantize(wrapped, calib.float(), config)
     device = torch.device(report.device)
-    emb = embed(lambda b: qmodel(b.to(device)).cpu(), eval_tokens)
+    emb = embed(lambda b: qmodel(b.float().to(device)).cpu(), eval_tokens)
     resolved = config.resolved()
     return {**fidelity(emb, ref), "recon_seconds": report.recon_seconds,
             "seconds": time.perf_counter() - started, "device": report.device,
