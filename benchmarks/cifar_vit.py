@@ -246,8 +246,9 @@ def write_markdown(records: list[dict[str, Any]], path: Path) -> None:
              "| method | iters/unit | calib | seed | backend | eval images | act / weight quantizers | "
              + " | ".join(bits) + " | FP32 |",
              "|---" * (8 + len(bits)) + "|"]
+    order = {name: k for k, name in enumerate(["fp", *METHODS])}
     for (label, iters, calib, seed, backend, count), cells in sorted(
-            groups.items(), key=lambda kv: (kv[0][0] != "fp", str(kv[0]))):
+            groups.items(), key=lambda kv: (order.get(kv[0][0].split()[0], len(order)), str(kv[0]))):
         any_run = next(iter(cells.values()))
         quantizers = (f"{any_run['act_quantizers']} / {any_run['weight_quantizers']}"
                       if "act_quantizers" in any_run else "")

@@ -380,8 +380,13 @@ def write_markdown(records: list[dict[str, Any]], path: Path) -> None:
              "| method | iters/unit | calib | seed | max tokens | eval sentences | act / weight "
              "quantizers | " + " | ".join(bits) + " | baseline |",
              "|---" * (8 + len(bits)) + "|"]
-    order = {"fp": 0, "ort-dynamic": 1}
-    for key, cells in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 2), str(kv[0]))):
+    order = {name: k for k, name in enumerate([*BASELINES, *METHODS])}
+
+    def rank(key: tuple) -> tuple:
+        method = key[0].split()[0]
+        return order.get(method, len(order)), str(key)
+
+    for key, cells in sorted(groups.items(), key=lambda kv: rank(kv[0])):
         label, iters, calib, seed, max_len, count = key
         first = next(iter(cells.values()))
         quantizers = (f"{first['act_quantizers']} / {first['weight_quantizers']}"
