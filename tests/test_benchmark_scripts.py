@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -163,3 +164,125 @@ def test_time_to_accuracy_refuses_fields_its_flags_set_and_skips_without_data(tm
     monkeypatch.setenv("BRECQ_DATA_ROOT", str(tmp_path))
     assert tta.main(["--ladder", "250", "--seeds", "0", "--out", str(tmp_path / "t.jsonl")]) == 0
     assert capsys.readouterr().out.startswith("SKIP:")
+
+
+# ----------------------------------------------------------------------------- transformer benchmarks
+
+
+def test_cifar_vit_help_refusals_and_skip_without_data(tmp_path, monkeypatch, capsys):
+    import cifar_vit
+
+    with pytest.raises(SystemExit) as exc:
+        cifar_vit.main(["--help"])
+    assert exc.value.code == 0 and "--set" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        cifar_vit.main(["--set", "weight_bits=2"])  # --bits sets it
+    assert exc.value.code == 2 and "weight_bits" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cifar_vit.main(["--methods", "adaroun"])
+    assert exc.value.code == 2 and "adaroun" in capsys.readouterr().err
+    monkeypatch.setenv("BRECQ_DATA_ROOT", str(tmp_path))
+    assert cifar_vit.main(["--out", str(tmp_path / "v.jsonl"), "--cache-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("SKIP:")
+    assert not (tmp_path / "v.jsonl").exists()
+
+
+def test_cifar_vit_augment_crops_and_flips_without_changing_values():
+    import cifar_vit
+
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8) + 1
+    out = cifar_vit.augment(x, 2, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    kept = set(out[out != 0].tolist())  # zeros come from the padding only
+    assert kept <= set(x.flatten().tolist()) and len(kept) >= 2 * 3 * 6 * 6
+    same = cifar_vit.augment(x, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(out, same)
+
+
+def _tiny_cifar(root, per_class=2):
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            folder = root / "data" / "cifar10" / split / name
+            folder.mkdir(parents=True)
+            for k in range(per_class):
+                pixels = torch.randint(0, 256, (32, 32, 3), generator=gen, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(folder / f"{k}.png")
+
+
+def test_cifar_vit_trains_caches_and_quantizes_a_tiny_run(tmp_path, capsys):
+    pytest.importorskip("timm")
+    import json
+
+    import cifar_vit
+
+    _tiny_cifar(tmp_path)
+    out = tmp_path / "vit.jsonl"
+    args = ["--data-root", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--epochs", "1",
+            "--methods", "fp,rtn", "--bits", "W8A8", "--calib-size", "4", "--out", str(out)]
+    assert cifar_vit.main(args) == 0
+    (weights,) = (tmp_path / "cache").glob("cifar_vit_*.pt")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["method"], r["bits"]) for r in rows] == [("fp", "FP32"), ("rtn", "W8A8")]
+    assert rows[1]["weight_quantizers"] > 0 and 0 <= rows[1]["top1"] <= 100
+    table = (tmp_path / "vit.md").read_text()
+    assert "| rtn | 500 | 4 | 0 | none | 4 |" in table
+    assert cifar_vit.main(args) == 0  # cached weights, every run done: nothing runs again
+    assert len(out.read_text().splitlines()) == 2
+    assert weights.stat().st_mtime_ns == next((tmp_path / "cache").glob("cifar_vit_*.pt")).stat().st_mtime_ns
+    capsys.readouterr()
+
+
+def test_minilm_help_sentences_and_skip_without_the_model(tmp_path, monkeypatch, capsys):
+    import minilm
+
+    with pytest.raises(SystemExit) as exc:
+        minilm.main(["--help"])
+    assert exc.value.code == 0 and "--wrapper" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        minilm.main(["--set", "iters_w=10"])
+    assert exc.value.code == 2 and "iters_w" in capsys.readouterr().err
+    sents = minilm.sentences()
+    assert len(sents) > 1000 and len(set(sents)) == len(sents)
+    calib, held = minilm.split_halves(sents, 0)
+    assert not set(calib) & set(held) and abs(len(calib) - len(held)) <= 1
+    assert minilm.split_halves(sents, 0) == (calib, held) != minilm.split_halves(sents, 1)
+    monkeypatch.setattr(minilm, "model_zip", lambda: None)
+    assert minilm.main(["--out", str(tmp_path / "m.jsonl")]) == 0
+    assert "SKIP:" in capsys.readouterr().out and not (tmp_path / "m.jsonl").exists()
+
+
+def test_minilm_pooling_ignores_padding_and_fidelity_of_identical_embeddings_is_perfect():
+    import minilm
+
+    hidden = torch.randn(2, 4, 8)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    padded = hidden.clone()
+    padded[0, 2:] = 1e3  # what a padding position holds must not matter
+    emb = minilm.mean_pooled(padded, mask)
+    assert torch.allclose(emb[0], torch.nn.functional.normalize(hidden[0, :2].mean(0), dim=0))
+    ref = torch.nn.functional.normalize(torch.randn(10, 8), dim=1)
+    assert minilm.fidelity(ref, ref)["nn_agreement"] == 100.0
+    noisy = minilm.fidelity(torch.nn.functional.normalize(ref + torch.randn(10, 8), dim=1), ref)
+    assert noisy["cosine_mean"] < 0.99
+
+
+def test_minilm_layer_by_layer_wrapper_matches_the_hugging_face_model():
+    transformers = pytest.importorskip("transformers")
+    import minilm
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=32,
+                                     attn_implementation="eager")
+    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    ids = torch.randint(1, 50, (3, 7))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])
+    tokens = torch.stack([ids, mask], 1)
+    with torch.no_grad():
+        want = minilm.StackedInputs(model)(tokens)
+        got = minilm.LayerByLayer(model)(tokens)
+    real = mask.bool()
+    assert torch.allclose(got[real], want[real], atol=1e-5)
