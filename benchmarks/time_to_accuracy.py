@@ -288,7 +288,7 @@ def write_markdown(records: list[dict[str, Any]], path: Path) -> None:
              " per budget (iterations per unit of the weight or joint pass; BRECQ's activation"
              f" pass gets 1/{ACT_ITERS_DIVISOR} of it; a budget in seconds is a `--time-budget`"
              " run, whose iterations per unit the library scales down from the cell's"
-             " `iters` to what fits on the machine). Source `{MEASURED}`: runs of"
+             f" `iters` to what fits on the machine). Source `{MEASURED}`: runs of"
              " time_to_accuracy.py; a file name: accuracy.py runs of the same recipe copied with"
              " `--import-jsonl`. Load average: the 1-minute figure at the start of each run; above"
              " about 2 other processes shared the 2 cores and stretched the wall seconds. CPU s:"
