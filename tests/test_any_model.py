@@ -684,3 +684,26 @@ def test_calls_no_graph_tells_apart_are_named_in_a_warning(caplog, path):
     with caplog.at_level(logging.WARNING):
         prepare(_Reuse().eval(), BrecqConfig(weight_bits=8, act_bits=8), (x,))
     assert "share the activation quantizers" not in caplog.text  # the graph tells calls apart
+
+
+class _BranchingRoot(nn.Module):
+    """A root forward fx cannot trace (a branch on tensor values): prepared child by child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+        self.second = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return self.second(self.first(x))
+        return self.second(self.first(-x))
+
+
+def test_a_child_prepared_alone_quantizes_its_input_inside_the_network():
+    # The second child's input is an activation of the network, not the network input: with the
+    # papers' placement it is quantized like every other layer input (only the model input
+    # stays float).
+    qmodel = prepare(_BranchingRoot().eval(), BrecqConfig(backend="none", first_last_bits=None),
+                     (torch.randn(4, 8).abs(),))
+    assert sorted(qmodel.act_quantizers) == ["second.1", "second.input"]

@@ -246,18 +246,21 @@ def tensor_kind(node: fx.Node, gm: fx.GraphModule, layer_kind: str | None,
 
 def backend_points(gm: fx.GraphModule, layer_nodes: set[fx.Node], last_layers: set[str],
                    layer_inputs: list[fx.Node], backend: str,
-                   own_points: Iterable[fx.Node] = ()) -> tuple[list[fx.Node], dict]:
+                   own_points: Iterable[fx.Node] = (),
+                   inner_graph: bool = False) -> tuple[list[fx.Node], dict]:
     """Tensors to quantize for `backend`: (nodes that get a quantizer of their own, in graph
     order; {node: earlier node whose quantizer it reuses}).
 
     `layer_inputs` are the tensors quantized layers read (placeholders included); with backend
-    "none" exactly those that are not placeholders get a quantizer, as before. `own_points`
+    "none" those that are not placeholders get a quantizer, and the placeholders too in an
+    `inner_graph` (a child of a model traced child by child: its inputs are activations inside
+    the network, not the network input, which the papers' placement leaves float). `own_points`
     (from `transformer_points`) get a quantizer of their own with any backend.
     """
     read = set(layer_inputs)
     own_points = {n: None for n in own_points if n not in read}
     if backend == BACKEND_NONE:
-        return [n for n in layer_inputs if n.op != "placeholder"] + list(own_points), {}
+        return [n for n in layer_inputs if inner_graph or n.op != "placeholder"] + list(own_points), {}
     wanted: set[fx.Node] = read | set(own_points)
     for node in gm.graph.nodes:
         if node in layer_nodes and node.target not in last_layers:

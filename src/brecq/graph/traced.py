@@ -310,7 +310,8 @@ def _place_act_quantizers(gm: fx.GraphModule, layer_nodes: set[fx.Node], bits: L
                     producers.setdefault(value, set()).add(node.target)
     points = transformer_points(gm, set(producers), config.quantize_matmul_inputs,
                                 config.quantize_residual_adds and config.backend == BACKEND_NONE)
-    own, reuse = backend_points(gm, layer_nodes, last, list(producers), config.backend, points)
+    own, reuse = backend_points(gm, layer_nodes, last, list(producers), config.backend, points,
+                                inner_graph=not model_input)
     act_names = _activation_names(gm, own)
     bits.check_act_names([*act_names.values(), *(p.name for p in own), *act_quantizers])
     for producer in own:
