@@ -39,7 +39,7 @@ from PIL import Image
 from torch import nn
 
 import common
-from brecq import BrecqConfig, ConfigError, quantize
+from brecq import BrecqConfig, quantize
 from brecq.evaluate import evaluate
 
 # The model and its training recipe; the cache file name is a hash of both, so a change retrains.
@@ -301,21 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    args.overrides = dict(args.overrides)
-    fixed = sorted(FLAG_FIELDS & set(args.overrides))
-    if fixed:
-        parser.error(f"--set {', '.join(fixed)}: this script's flags set these (see --help)")
-    bad = [m for m in args.methods if m != "fp" and m not in METHODS]
-    if bad:
-        parser.error(f"--methods {','.join(bad)}: choose from fp,{','.join(METHODS)}")
-    try:
-        for bits in args.bits:
-            common.parse_bits(bits)
-        for method in args.methods:
-            if method != "fp":
-                make_config(method, args.bits[0], args)
-    except (argparse.ArgumentTypeError, ConfigError, TypeError) as exc:
-        parser.error(str(exc))
+    common.check_overrides(parser, args, FLAG_FIELDS)
+    common.check_methods_and_bits(parser, args, ["fp"], METHODS, make_config)
 
 
 def val_subset(val: tuple[torch.Tensor, torch.Tensor], size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,14 +315,10 @@ def val_subset(val: tuple[torch.Tensor, torch.Tensor], size: int | None) -> tupl
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    md = args.out.with_suffix(".md")
-    if args.report_only:
-        write_markdown(common.load_records(args.out), md)
-        print(md.read_text())
+    args = common.parse_or_report(parser, argv, write_markdown)
+    if args is None:
         return 0
+    md = args.out.with_suffix(".md")
     check_args(parser, args)
     data_dir = args.data_root / "data" / "cifar10"
     missing = [str(data_dir / s) for s in ("train", "val") if not (data_dir / s).is_dir()]

