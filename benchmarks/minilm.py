@@ -343,8 +343,9 @@ def brecq_run(wrapped: nn.Module, calib: torch.Tensor, eval_tokens: torch.Tensor
               ref: torch.Tensor, method: str, bits: str, args: argparse.Namespace) -> dict[str, Any]:
     config = make_config(method, bits, args)
     started = time.perf_counter()
-    # Token ids as float (exact below 2**24): QDrop mixes each unit's quantized and float inputs
-    # with torch.rand_like, which has no integer version, and the first unit reads the ids.
+    # Token ids as float (exact below 2**24), as in every recorded run: this script was written
+    # when QDrop's input mixing (torch.rand_like) failed on integer unit inputs; it now leaves
+    # them unmixed, but the runs stay comparable this way.
     qmodel, report = quantize(wrapped, calib.float(), config)
     device = torch.device(report.device)
     emb = embed(lambda b: qmodel(b.float().to(device)).cpu(), eval_tokens)
