@@ -92,21 +92,41 @@ def _load_val(cifar: Cifar10, prep):  # noqa: ANN001, ANN202
     return images, labels.numpy()
 
 
-def _brecq(model, calib, bits: tuple[int, int], args, backend: str = "onnxruntime"):  # noqa: ANN001, ANN202
+def _brecq(model, calib, bits: tuple[int, int], args, backend: str = "onnxruntime",  # noqa: ANN001, ANN202
+           seed: int = 0):
     from brecq import BrecqConfig, quantize
 
     config = BrecqConfig(weight_bits=bits[0], act_bits=bits[1], iters_w=args.iters_w,
                          iters_a=args.iters_a, calib_size=len(calib), backend=backend,
-                         device="cpu", seed=0)
+                         device="cpu", seed=seed)
     started = time.perf_counter()
     qmodel, _ = quantize(model, calib, config)
     return qmodel.eval(), round(time.perf_counter() - started, 1)
 
 
+def _resnet20_models(model, calib, seed: int, images, args, work: Path):  # noqa: ANN001, ANN202
+    """The float, `quantize_static` and brecq ONNX models of one calibration draw (seed)."""
+    from brecq.export import export_onnx
+
+    shape = tuple(images.shape[1:])
+    paths = {"float ONNX": _export_float(model, work / "float.onnx", shape)}
+    paths["onnxruntime quantize_static W8A8"] = _quantize_static(
+        paths["float ONNX"], work / f"static_seed{seed}.onnx", calib[:args.static_calib])
+    torch_preds = {"float ONNX": _torch_predictions(model, images, quantized=False)}
+    recon_seconds = {}
+    for bits in ((8, 8), (4, 8)):
+        name = f"brecq W{bits[0]}A{bits[1]} (backend onnxruntime)"
+        qmodel, recon_seconds[name] = _brecq(model, calib, bits, args, seed=seed)
+        torch_preds[name] = _torch_predictions(qmodel, images, quantized=True)
+        paths[name] = export_onnx(qmodel, work / f"brecq_w{bits[0]}a{bits[1]}_seed{seed}.onnx",
+                                  images[:1])
+        logging.info("seed %d: %s reconstructed in %.0fs", seed, name, recon_seconds[name])
+    return paths, torch_preds, recon_seconds
+
+
 def _resnet20_rows(args, cifar: Cifar10, work: Path) -> dict:  # noqa: ANN001
     import numpy as np
 
-    from brecq.export import export_onnx
     from brecq.export.ort_bench import (
         float_compute_ops,
         latency_ms,
@@ -116,47 +136,47 @@ def _resnet20_rows(args, cifar: Cifar10, work: Path) -> dict:  # noqa: ANN001
     )
 
     model, prep = cifar.build("resnet20")
-    calib = cifar.calibration(prep, args.calib_size, 0)
     images, labels = _load_val(cifar, prep)
     if args.limit:
         images, labels = images[:args.limit], labels[:args.limit]
     shape = tuple(images.shape[1:])
     batches = [images[i:i + EVAL_BATCH].numpy() for i in range(0, len(images), EVAL_BATCH)]
-    paths = {"float ONNX": _export_float(model, work / "float.onnx", shape)}
-    paths["onnxruntime quantize_static W8A8"] = _quantize_static(
-        paths["float ONNX"], work / "static.onnx", calib[:args.static_calib])
-    torch_preds = {"float ONNX": _torch_predictions(model, images, quantized=False)}
-    recon_seconds = {}
-    for bits in ((8, 8), (4, 8)):
-        name = f"brecq W{bits[0]}A{bits[1]} (backend onnxruntime)"
-        qmodel, recon_seconds[name] = _brecq(model, calib, bits, args)
-        torch_preds[name] = _torch_predictions(qmodel, images, quantized=True)
-        paths[name] = export_onnx(qmodel, work / f"brecq_w{bits[0]}a{bits[1]}.onnx",
-                                  images[:1])
-        logging.info("%s reconstructed in %.0fs", name, recon_seconds[name])
-    sessions = {name: session(path, args.threads) for name, path in paths.items()}
-    rows = {}
-    for name, sess in sessions.items():
-        predictions = onnx_predictions(sess, batches)
-        counts = optimized_op_counts(paths[name])
-        row = {"onnx_top1": _top1(predictions, labels), "size_bytes": paths[name].stat().st_size,
-               "float_compute_ops_left": float_compute_ops(counts),
-               "integer_ops": {k: v for k, v in counts.items() if k.startswith("QLinear")
-                               or k in ("QGemm", "MatMulInteger")}}
-        if name in torch_preds:
-            row["pytorch_top1"] = _top1(torch_preds[name], labels)
-            row["agreement_with_pytorch"] = round(100.0 * float(
-                (torch_preds[name] == predictions).mean()), 2)
-        if name in recon_seconds:
-            row["recon_seconds"] = recon_seconds[name]
-        rows[name] = row
-    rng = np.random.default_rng(0)
-    for batch in (1, 64):
-        x = rng.standard_normal((batch, *shape), dtype=np.float32)
-        for name, timing in latency_ms(sessions, x, args.runs).items():
-            rows[name][f"batch_{batch}"] = timing
-    return {"rows": rows, "eval_images": len(labels), "calib_images": len(calib),
-            "static_calib_images": args.static_calib}
+    # Every seed redraws the calibration images for quantize_static and brecq alike; the latency
+    # and the per-model details come from the first seed.
+    top1_by_seed: dict[int, dict[str, float]] = {}
+    for seed in args.seeds:
+        calib = cifar.calibration(prep, args.calib_size, seed)
+        paths, torch_preds, recon_seconds = _resnet20_models(model, calib, seed, images, args, work)
+        sessions = {name: session(path, args.threads) for name, path in paths.items()}
+        predictions = {name: onnx_predictions(sess, batches) for name, sess in sessions.items()}
+        top1_by_seed[seed] = {name: _top1(pred, labels) for name, pred in predictions.items()}
+        logging.info("seed %d onnxruntime top-1: %s", seed, top1_by_seed[seed])
+        if seed != args.seeds[0]:
+            continue
+        rows = {}
+        for name, pred in predictions.items():
+            counts = optimized_op_counts(paths[name])
+            row = {"onnx_top1": top1_by_seed[seed][name], "size_bytes": paths[name].stat().st_size,
+                   "float_compute_ops_left": float_compute_ops(counts),
+                   "integer_ops": {k: v for k, v in counts.items() if k.startswith("QLinear")
+                                   or k in ("QGemm", "MatMulInteger")}}
+            if name in torch_preds:
+                row["pytorch_top1"] = _top1(torch_preds[name], labels)
+                row["agreement_with_pytorch"] = round(100.0 * float(
+                    (torch_preds[name] == pred).mean()), 2)
+            if name in recon_seconds:
+                row["recon_seconds"] = recon_seconds[name]
+            rows[name] = row
+        rng = np.random.default_rng(0)
+        for batch in (1, 64):
+            x = rng.standard_normal((batch, *shape), dtype=np.float32)
+            for name, timing in latency_ms(sessions, x, args.runs).items():
+                rows[name][f"batch_{batch}"] = timing
+    mean_top1 = {name: round(sum(top1[name] for top1 in top1_by_seed.values()) / len(top1_by_seed), 3)
+                 for name in rows}
+    return {"rows": rows, "eval_images": len(labels), "calib_images": args.calib_size,
+            "static_calib_images": args.static_calib, "seeds": args.seeds,
+            "onnx_top1_by_seed": top1_by_seed, "onnx_top1_mean": mean_top1}
 
 
 def _torchvision_rows(names: list[str], args, work: Path) -> dict:  # noqa: ANN001
@@ -213,6 +233,15 @@ def _markdown(result: dict) -> str:
             cells.append(f"{row[batch]['min_ms']:.2f} ({row[batch]['median_ms']:.2f})")
         cells += [f"{row['size_bytes'] / 1024:.1f}", str(sum(row["float_compute_ops_left"].values()))]
         lines.append("| " + " | ".join(cells) + " |")
+    by_seed = result.get("resnet20", {}).get("onnx_top1_by_seed", {})
+    if len(by_seed) > 1:
+        names = list(result["resnet20"]["onnx_top1_mean"])
+        lines += ["", "| ResNet-20 onnxruntime top-1, seed | " + " | ".join(names) + " |",
+                  "|---" * (len(names) + 1) + "|"]
+        for seed, top1 in by_seed.items():
+            lines.append(f"| {seed} | " + " | ".join(f"{top1[n]:.2f}" for n in names) + " |")
+        mean = result["resnet20"]["onnx_top1_mean"]
+        lines.append("| mean | " + " | ".join(f"{mean[n]:.2f}" for n in names) + " |")
     if result.get("torchvision"):
         lines += ["", "| model (224x224, batch 1) | float ms min (median) | brecq W8A8 ms min (median) | "
                   "speedup (min) |", "|---|---|---|---|"]
@@ -237,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters-a", type=int, default=100)
     parser.add_argument("--calib-size", type=int, default=1024)
     parser.add_argument("--static-calib", type=int, default=512)
+    parser.add_argument("--seeds", type=lambda text: [int(v) for v in text.split(",")], default=[0],
+                        help="comma-separated calibration draws for the ResNet-20 top-1 rows "
+                             "(quantize_static and brecq alike); latency from the first")
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--limit", type=int, default=0, help="evaluate on the first N images only")

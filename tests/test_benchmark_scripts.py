@@ -287,3 +287,13 @@ def test_minilm_layer_by_layer_wrapper_matches_the_hugging_face_model():
         got = minilm.LayerByLayer(model)(tokens)
     real = mask.bool()
     assert torch.allclose(got[real], want[real], atol=1e-5)
+
+
+def test_step_cost_refuses_bad_iteration_pairs_and_skips_without_data(tmp_path, capsys):
+    import step_cost
+
+    with pytest.raises(SystemExit):
+        step_cost.main(["--iters", "210,10", "--data-root", str(tmp_path)])
+    assert "two increasing counts" in capsys.readouterr().err
+    assert step_cost.main(["--data-root", str(tmp_path)]) == 0
+    assert "SKIP:" in capsys.readouterr().out

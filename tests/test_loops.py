@@ -88,7 +88,10 @@ def test_cuda_graph_step_logic_matches_the_fast_loop(resnet_and_data, method, mo
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
     for uf, ug in zip(fast_report.units, graph_report.units):
-        assert ug.loss_after == pytest.approx(uf.loss_after, rel=1e-4)
+        # The graph loop's learning rate is a float32 tensor, the fast loop's a Python float:
+        # their step-size updates differ in the last bits, up to 5e-4 of a unit's loss after six
+        # steps here (measured); a wrong batch, schedule or rate moves it by percents.
+        assert ug.loss_after == pytest.approx(uf.loss_after, rel=1e-3)
         assert ug.iterations == uf.iterations
 
 
@@ -135,14 +138,18 @@ def test_early_stop_out_of_range_is_refused():
 
 
 @pytest.mark.slow
-def test_compiled_step_matches_eager(resnet_and_data):
+@pytest.mark.parametrize("method", ["brecq", "qdrop"])
+def test_compiled_step_matches_eager(resnet_and_data, method):
     model, calib = resnet_and_data
-    config = BrecqConfig(iters_w=20, iters_a=10, granularity="net", **TINY)
+    config = BrecqConfig(iters_w=20, iters_a=10, granularity="net", **dict(TINY, method=method))
     _, eager = quantize(model, calib, config)
     _, compiled = quantize(model, calib, config.replace(compile=True))
+    # BRECQ: the same losses (fused kernels may reorder float sums; equal here, measured). QDrop:
+    # the compiled run draws its masks in another order (tracing runs the step more often), so
+    # the two runs are two draws of the same optimization: 2-7% apart here (measured).
+    tolerance = 1e-3 if method == "brecq" else 0.2
     for a, b in zip(eager.units, compiled.units):
-        # Fused kernels reorder float sums; a few roundings may flip in the end.
-        assert b.loss_after == pytest.approx(a.loss_after, rel=5e-2)
+        assert b.loss_after == pytest.approx(a.loss_after, rel=tolerance)
 
 
 def test_cache_serves_batches_from_where_it_stored_them():

@@ -212,3 +212,59 @@ def test_log2_scale_search_beats_the_maximum_in_lp_error():
     err = lambda s: (P.log2_fake_quant(x, s, 4) - x).abs().pow(2.4).sum()  # noqa: E731
     assert err(best) <= err(top)
     assert 0.2 * x.max() <= best <= x.max()
+
+
+@pytest.mark.parametrize("with_keep", [False, True])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_lsq_fake_quant_matches_autograd_through_fake_quant(with_keep, symmetric):
+    """Values and gradients of the fused version against plain autograd (QDrop: `where`), with
+    codes landing exactly on the range ends and outside it."""
+    torch.manual_seed(0)
+    qmin, qmax = P.int_range(4, symmetric)
+    x = torch.randn(4, 3, 8, 8) * 3
+    x[0, 0, 0, :3] = torch.tensor([qmin, qmax, 0.0]) * 0.37  # codes exactly on the range ends
+    zero_point = torch.tensor(0.0 if symmetric else 3.0)
+    keep = (torch.rand(x.shape) < 0.5).float() if with_keep else None
+    grad = torch.randn(x.shape)
+    results = []
+    for fused in (True, False):
+        scale = torch.tensor(0.37, requires_grad=True)
+        xi = x.clone().requires_grad_()
+        if fused:
+            out = P.lsq_fake_quant(xi, scale, zero_point, qmin, qmax, keep)
+        else:
+            out = P.fake_quant(xi, scale, zero_point, qmin, qmax)
+            out = out if keep is None else torch.where(keep.bool(), xi, out)
+        out.backward(grad)
+        results.append((out.detach(), xi.grad, scale.grad))
+    (out, gx, gs), (ref_out, ref_gx, ref_gs) = results
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-6)
+    torch.testing.assert_close(gx, ref_gx)
+    torch.testing.assert_close(gs, ref_gs, rtol=1e-4, atol=1e-4)
+    assert gx.eq(0).any() and gx.ne(0).any()  # both clipped and passed elements were exercised
+
+
+def test_lsq_fake_quant_without_gradients_gives_the_same_values():
+    x = torch.randn(2, 5, 7)
+    scale, zero_point = torch.tensor(0.2), torch.tensor(0.0)
+    with torch.no_grad():
+        plain = P.lsq_fake_quant(x, scale, zero_point, -8, 7)
+    torch.testing.assert_close(plain, P.fake_quant(x, scale, zero_point, -8, 7), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("prob", [0.5, 0.3, 1.0])
+def test_keep_mask_is_zero_one_with_the_asked_probability_and_seeded(prob):
+    like = torch.empty(64, 33, 17)
+    mask = P.keep_mask(like, prob, torch.Generator().manual_seed(1))
+    assert mask.shape == like.shape and mask.dtype == like.dtype
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    assert abs(mask.mean().item() - prob) < 0.01
+    again = P.keep_mask(like, prob, torch.Generator().manual_seed(1))
+    other = P.keep_mask(like, prob, torch.Generator().manual_seed(2))
+    assert torch.equal(mask, again)
+    assert prob == 1.0 or not torch.equal(mask, other)
+    # Neighbouring elements are independent (no pattern from packing several into one word).
+    if prob < 1:
+        flat = mask.reshape(-1)
+        both = (flat[:-1] * flat[1:]).mean().item()
+        assert abs(both - prob * prob) < 0.01

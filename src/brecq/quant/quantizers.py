@@ -199,9 +199,9 @@ class ActQuantizer(nn.Module):
         return P.search_scale(sample, self.bits, symmetric=self.symmetric, per_channel=False,
                               method=method, p=p)
 
-    def fake_quant(self, x: Tensor) -> Tensor:
-        """`x` on this quantizer's grid (no dropping)."""
-        return P.fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax)
+    def fake_quant(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """`x` on this quantizer's grid, except where the float mask `keep` is 1 (QDrop)."""
+        return P.lsq_fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax, keep)
 
     @torch.no_grad()
     def set_scale(self, scale: Tensor, zero_point: Tensor) -> None:
@@ -240,11 +240,8 @@ class ActQuantizer(nn.Module):
                     "brecq.quant.state.calibrating(...) or call calibrate() first"
                 )
             self.calibrate(x, *self._calibration)
-        xq = self.fake_quant(x)
-        if self.drop_prob > 0:
-            keep_float = torch.rand_like(x, generator=self.drop_generator) < self.drop_prob
-            xq = torch.where(keep_float, x, xq)
-        return xq
+        keep = P.keep_mask(x, self.drop_prob, self.drop_generator) if self.drop_prob > 0 else None
+        return self.fake_quant(x, keep)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -268,8 +265,9 @@ class Log2Quantizer(ActQuantizer):
         scale = P.search_log2_scale(sample, self.bits, method=method, p=p)
         return scale, torch.zeros_like(scale)
 
-    def fake_quant(self, x: Tensor) -> Tensor:
-        return P.log2_fake_quant(x, self.scale, self.bits)
+    def fake_quant(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        xq = P.log2_fake_quant(x, self.scale, self.bits)
+        return xq if keep is None else torch.lerp(xq, x, keep)
 
 
 # Above this many elements the Lp search runs on an evenly strided subsample; min/max come from it

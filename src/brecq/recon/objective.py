@@ -62,8 +62,8 @@ class UnitObjective:
                     mixed.append(q_in)
                     continue
                 fp_in = self.cache.batch(key, index)
-                noise = torch.rand_like(q_in, generator=self.drop_generator)
-                mixed.append(torch.where(noise < drop_prob, fp_in, q_in))
+                keep = P.keep_mask(q_in, drop_prob, self.drop_generator)
+                mixed.append(torch.lerp(q_in, fp_in, keep))
             inputs = mixed
         targets = [self.cache.batch(k, index) for k in self.output_keys]
         weights = [self.cache.batch(k, index) for k in self.grad_keys]
