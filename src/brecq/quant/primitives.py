@@ -39,8 +39,8 @@ def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
 
 def round_ste(x: Tensor) -> Tensor:
     """Round to nearest with a straight-through gradient. The value is exactly `x.round()`
-    (adding `x - x` rather than `round(x) - x` to `x`), so a code that lands on the end of a
-    clamp range counts as inside it, never as a rounding error below or above."""
+    (adding `x - x` rather than `round(x) - x` to `x`), so whether a code on the end of a clamp
+    range gets a gradient (torch's clamp gradient excludes the ends) never hangs on an ulp."""
     return x.round() + (x - x.detach())
 
 
