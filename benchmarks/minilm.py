@@ -376,7 +376,8 @@ def write_markdown(records: list[dict[str, Any]], path: Path) -> None:
         groups.setdefault(key, {})[r["bits"]] = r
     lines = ["# all-MiniLM-L6-v2: fidelity of the quantized sentence embeddings", "",
              "Each cell: mean cosine to the float embeddings / top-1 nearest-neighbour agreement "
-             "(%) / reconstruction seconds. Written by `benchmarks/minilm.py` from `minilm.jsonl`.",
+             "(%) / reconstruction seconds. Written by `benchmarks/minilm.py` from "
+             f"`{path.with_suffix('.jsonl').name}`.",
              "",
              "| method | iters/unit | calib | seed | max tokens | eval sentences | act / weight "
              "quantizers | " + " | ".join(bits) + " | baseline |",

@@ -31,7 +31,7 @@ import time
 import warnings
 from pathlib import Path
 
-from common import RESULTS, Cifar10, add_data_root_argument, skip
+from common import RESULTS, Cifar10, add_data_root_argument, parse_seeds, skip
 
 EVAL_BATCH = 500
 
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters-a", type=int, default=100)
     parser.add_argument("--calib-size", type=int, default=1024)
     parser.add_argument("--static-calib", type=int, default=512)
-    parser.add_argument("--seeds", type=lambda text: [int(v) for v in text.split(",")], default=[0],
+    parser.add_argument("--seeds", type=parse_seeds, default=[0],
                         help="comma-separated calibration draws for the ResNet-20 top-1 rows "
                              "(quantize_static and brecq alike); latency from the first")
     parser.add_argument("--runs", type=int, default=50)

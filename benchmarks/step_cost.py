@@ -23,12 +23,19 @@ from pathlib import Path
 import common
 from common import Cifar10, add_data_root_argument, skip
 
+# BrecqConfig fields this script's own flags set (refused in --set).
+FLAG_FIELDS = ("weight_bits", "act_bits", "method", "iters_w", "calib_size", "device", "seed")
+
+
+def iteration_counts(text: str) -> list[int]:
+    return [int(v) for v in common.csv_list(text)]
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", default="W4A4")
     parser.add_argument("--method", default="auto")
-    parser.add_argument("--iters", type=lambda t: [int(v) for v in t.split(",")], default=[10, 210],
+    parser.add_argument("--iters", type=iteration_counts, default=[10, 210],
                         help="two iteration counts per unit")
     parser.add_argument("--calib-size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
@@ -38,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     add_data_root_argument(parser)
     args = parser.parse_args(argv)
-    if len(args.iters) != 2 or args.iters[0] >= args.iters[1]:
+    if len(args.iters) != 2 or not 0 <= args.iters[0] < args.iters[1]:
         parser.error("--iters takes two increasing counts, e.g. 10,210")
+    common.check_overrides(parser, args, FLAG_FIELDS)
     cifar = Cifar10.under(args.data_root)
     if cifar.missing(["resnet20"]):
         return skip(cifar.missing(["resnet20"]))
@@ -55,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     for iters in args.iters:
         config = BrecqConfig(weight_bits=weight_bits, act_bits=act_bits, method=args.method,
                              iters_w=iters, calib_size=args.calib_size, device="cpu",
-                             seed=args.seed, **dict(args.overrides))
+                             seed=args.seed, **args.overrides)
         wall, cpu = time.perf_counter(), time.process_time()
         _, report = quantize(model.eval(), calib, config)
         runs[iters] = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
@@ -65,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     low, high = (runs[i] for i in args.iters)
     steps = (args.iters[1] - args.iters[0]) * high["units"]
     result = {
-        "bits": args.bits, "method": args.method, "settings": dict(args.overrides),
+        "bits": args.bits, "method": args.method, "settings": args.overrides,
         "threads": args.threads, "runs": runs,
         "step_ms_wall": 1000 * (high["wall_s"] - low["wall_s"]) / steps,
         "step_ms_cpu": 1000 * (high["cpu_s"] - low["cpu_s"]) / steps,

@@ -295,5 +295,8 @@ def test_step_cost_refuses_bad_iteration_pairs_and_skips_without_data(tmp_path, 
     with pytest.raises(SystemExit):
         step_cost.main(["--iters", "210,10", "--data-root", str(tmp_path)])
     assert "two increasing counts" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        step_cost.main(["--set", "weight_bits=3", "--data-root", str(tmp_path)])
+    assert "weight_bits" in capsys.readouterr().err
     assert step_cost.main(["--data-root", str(tmp_path)]) == 0
     assert "SKIP:" in capsys.readouterr().out
