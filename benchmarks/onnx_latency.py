@@ -11,11 +11,18 @@ resnet18,mobilenet_v2` adds float vs brecq W8A8 latency at batch 1 for those mod
 weights, 224x224, round-to-nearest: reconstruction does not change speed). `--placement-cost` also
 reports the PyTorch fake-quantized top-1 of `--backend none` vs `onnxruntime` at W4A4 and W8A8.
 
+Top-1 figures of 8-bit models differ by a few tenths from a few dozen images, so each seed also
+gets paired comparisons on the same images (decisions changed, which way, exact sign test) of
+every model against the float model and of brecq against `quantize_static`; `--redraws N`
+re-evaluates `quantize_static`'s model N times with its weight rounding re-drawn, to show how far
+one rounding's luck moves top-1.
+
 Writes one JSON and a Markdown table (default benchmarks/results/onnx_latency.{json,md}).
 Skips (exit 0) when the data or the weights are absent.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/onnx_latency.py [--iters-w 500]
         [--iters-a 100] [--runs 50] [--torchvision resnet18,mobilenet_v2] [--placement-cost]
+        [--seeds 0,1,2] [--redraws 12]
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -34,6 +42,7 @@ from pathlib import Path
 from common import RESULTS, Cifar10, add_data_root_argument, parse_seeds, skip
 
 EVAL_BATCH = 500
+STATIC = "onnxruntime quantize_static W8A8"
 
 
 def _export_float(model, path: Path, shape: tuple[int, ...]) -> Path:  # noqa: ANN001
@@ -66,6 +75,51 @@ def _quantize_static(float_path: Path, out: Path, calib) -> Path:  # noqa: ANN00
     quantize_static(str(float_path), str(out), Reader(), quant_format=QuantFormat.QDQ,
                     per_channel=True, weight_type=QuantType.QInt8,
                     activation_type=QuantType.QUInt8, calibrate_method=CalibrationMethod.MinMax)
+    return out
+
+
+def _redraw_weight_rounding(static_path: Path, float_path: Path, out: Path, rng,  # noqa: ANN001
+                            spread: float = 0.01) -> Path:
+    """`quantize_static`'s model with another, equally good rounding of every weight.
+
+    Each output channel's weight scale is enlarged by a random factor in [1, 1 + spread) and the
+    float weights re-rounded to the nearest int8 code (the int32 biases follow their scale): the
+    same quantizer up to a <1% larger range, so the same expected error, but every weight that
+    lay near a rounding boundary may now round the other way. The spread of top-1 over such
+    redraws is how much of a model's top-1 is the luck of one rounding.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(static_path))
+    floats = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(float_path)).graph.initializer}
+    initializers = {t.name: t for t in model.graph.initializer}
+
+    def array(name: str):  # noqa: ANN202
+        return numpy_helper.to_array(initializers[name])
+
+    def store(name: str, values) -> None:  # noqa: ANN001
+        initializers[name].CopyFrom(numpy_helper.from_array(values.astype(array(name).dtype), name))
+
+    # quantize_static names a layer's weight W as W_quantized / W_scale behind a DequantizeLinear
+    # whose output is W_DequantizeLinear_Output, and its bias B as B_quantized / B_quantized_scale.
+    suffix = "_DequantizeLinear_Output"
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm") or not node.input[1].endswith(suffix):
+            continue
+        weight = node.input[1][:-len(suffix)]
+        factor = 1 + spread * rng.random(array(weight + "_scale").shape, dtype=np.float32)
+        scale = array(weight + "_scale") * factor
+        store(weight + "_scale", scale)
+        per_channel = scale.reshape((-1,) + (1,) * (floats[weight].ndim - 1))
+        store(weight + "_quantized", np.clip(np.round(floats[weight] / per_channel), -127, 127))
+        if len(node.input) > 2 and node.input[2]:
+            bias = node.input[2]
+            bias_scale = array(bias + "_quantized_scale") * factor
+            store(bias + "_quantized_scale", bias_scale)
+            store(bias + "_quantized", np.round(floats[bias] / bias_scale))
+    onnx.save(model, str(out))
     return out
 
 
@@ -110,7 +164,7 @@ def _resnet20_models(model, calib, seed: int, images, args, work: Path):  # noqa
 
     shape = tuple(images.shape[1:])
     paths = {"float ONNX": _export_float(model, work / "float.onnx", shape)}
-    paths["onnxruntime quantize_static W8A8"] = _quantize_static(
+    paths[STATIC] = _quantize_static(
         paths["float ONNX"], work / f"static_seed{seed}.onnx", calib[:args.static_calib])
     torch_preds = {"float ONNX": _torch_predictions(model, images, quantized=False)}
     recon_seconds = {}
@@ -144,6 +198,8 @@ def _resnet20_rows(args, cifar: Cifar10, work: Path) -> dict:  # noqa: ANN001
     # Every seed redraws the calibration images for quantize_static and brecq alike; the latency
     # and the per-model details come from the first seed.
     top1_by_seed: dict[int, dict[str, float]] = {}
+    decisions_by_seed: dict[int, dict[str, dict]] = {}
+    redraws_by_seed: dict[int, list[float]] = {}
     for seed in args.seeds:
         calib = cifar.calibration(prep, args.calib_size, seed)
         paths, torch_preds, recon_seconds = _resnet20_models(model, calib, seed, images, args, work)
@@ -151,6 +207,15 @@ def _resnet20_rows(args, cifar: Cifar10, work: Path) -> dict:  # noqa: ANN001
         predictions = {name: onnx_predictions(sess, batches) for name, sess in sessions.items()}
         top1_by_seed[seed] = {name: _top1(pred, labels) for name, pred in predictions.items()}
         logging.info("seed %d onnxruntime top-1: %s", seed, top1_by_seed[seed])
+        decisions_by_seed[seed] = _decisions(predictions, labels)
+        if args.redraws:
+            rng = np.random.default_rng(seed)
+            redraw_path = work / "static_redrawn.onnx"
+            redraws_by_seed[seed] = [_top1(onnx_predictions(session(_redraw_weight_rounding(
+                paths[STATIC], paths["float ONNX"], redraw_path, rng), args.threads), batches),
+                labels) for _ in range(args.redraws)]
+            logging.info("seed %d quantize_static with re-drawn weight rounding: %s", seed,
+                         redraws_by_seed[seed])
         if seed != args.seeds[0]:
             continue
         rows = {}
@@ -176,7 +241,21 @@ def _resnet20_rows(args, cifar: Cifar10, work: Path) -> dict:  # noqa: ANN001
                  for name in rows}
     return {"rows": rows, "eval_images": len(labels), "calib_images": args.calib_size,
             "static_calib_images": args.static_calib, "seeds": args.seeds,
-            "onnx_top1_by_seed": top1_by_seed, "onnx_top1_mean": mean_top1}
+            "onnx_top1_by_seed": top1_by_seed, "onnx_top1_mean": mean_top1,
+            "decisions_by_seed": decisions_by_seed,
+            "static_redrawn_top1_by_seed": redraws_by_seed}
+
+
+def _decisions(predictions: dict, labels) -> dict[str, dict]:  # noqa: ANN001
+    """Paired comparisons on the same images: every model against the float model, and every
+    brecq model against `quantize_static` (see `brecq.evaluate.decision_changes`)."""
+    from brecq.evaluate import decision_changes
+
+    out = {f"{name} vs float ONNX": decision_changes(predictions["float ONNX"], pred, labels)
+           for name, pred in predictions.items() if name != "float ONNX"}
+    out.update({f"{name} vs quantize_static": decision_changes(predictions[STATIC], pred, labels)
+                for name, pred in predictions.items() if name.startswith("brecq")})
+    return out
 
 
 def _torchvision_rows(names: list[str], args, work: Path) -> dict:  # noqa: ANN001
@@ -242,6 +321,22 @@ def _markdown(result: dict) -> str:
             lines.append(f"| {seed} | " + " | ".join(f"{top1[n]:.2f}" for n in names) + " |")
         mean = result["resnet20"]["onnx_top1_mean"]
         lines.append("| mean | " + " | ".join(f"{mean[n]:.2f}" for n in names) + " |")
+    decisions = result.get("resnet20", {}).get("decisions_by_seed", {})
+    if decisions:
+        lines += ["", "| seed | comparison (same images) | decisions changed | right only in the "
+                  "second | right only in the first | sign test p |", "|---|---|---|---|---|---|"]
+        for seed, pairs in decisions.items():
+            for pair, change in pairs.items():
+                lines.append(f"| {seed} | {pair} | {change['changed']} | {change['gained']} | "
+                             f"{change['lost']} | {change['p_value']:.2g} |")
+    redraws = result.get("resnet20", {}).get("static_redrawn_top1_by_seed", {})
+    if redraws:
+        lines += ["", "| seed | quantize_static top-1 | same model, weight rounding re-drawn: mean "
+                  "(std) | min - max | re-draws |", "|---|---|---|---|---|"]
+        for seed, tops in redraws.items():
+            std = statistics.stdev(tops) if len(tops) > 1 else 0.0
+            lines.append(f"| {seed} | {by_seed[seed][STATIC]:.2f} | {statistics.mean(tops):.2f} "
+                         f"({std:.2f}) | {min(tops):.2f} - {max(tops):.2f} | {len(tops)} |")
     if result.get("torchvision"):
         lines += ["", "| model (224x224, batch 1) | float ms min (median) | brecq W8A8 ms min (median) | "
                   "speedup (min) |", "|---|---|---|---|"]
@@ -269,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=parse_seeds, default=[0],
                         help="comma-separated calibration draws for the ResNet-20 top-1 rows "
                              "(quantize_static and brecq alike); latency from the first")
+    parser.add_argument("--redraws", type=int, default=0,
+                        help="per seed, evaluate N copies of quantize_static's model whose weight "
+                             "rounding is re-drawn (each channel's scale enlarged by < 1%%): how "
+                             "much of its top-1 is the luck of one rounding")
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--limit", type=int, default=0, help="evaluate on the first N images only")

@@ -57,6 +57,10 @@ def _check(result: dict, images: int | None) -> None:
         assert acc["images"] == images
         assert 0 <= acc["onnx_top1"]["quantized"] <= 100
         assert 0 <= acc["agreement_with_pytorch"] <= 100
+        change = acc["vs_float"]
+        assert change["images"] == images
+        assert change["gained"] + change["lost"] <= change["changed"] <= images
+        assert 0 < change["p_value"] <= 1
 
 
 def test_quantize_export_onnx_then_bench(data_dir, tmp_path):
@@ -77,6 +81,7 @@ def test_quantize_export_onnx_then_bench(data_dir, tmp_path):
                 "--out", str(tmp_path / "b.json"))
     assert proc.returncode == 0, proc.stderr
     assert "agreement with PyTorch fake-quantized" in proc.stdout
+    assert "top-1 decisions changed from float" in proc.stdout
     _check(json.loads((tmp_path / "b.json").read_text()), images=4)
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from brecq.data import check_finite, eval_loader, load_calibration
 from brecq.errors import DataError
-from brecq.evaluate import evaluate
+from brecq.evaluate import decision_changes, evaluate
 from brecq.models import Preprocessing
 
 PREP = Preprocessing(resize=None, crop=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -186,3 +186,28 @@ def test_evaluate_on_an_image_folder(tmp_path):
     assert res["count"] == 6
     assert res["top1"] == pytest.approx(100 / 3)
     assert res["top5"] == 100.0
+
+
+def test_decision_changes_counts_flips_and_tests_their_direction():
+    labels = torch.zeros(200, dtype=torch.long)
+    # 76 images only the candidate gets right, 44 only the reference, 10 changed but wrong in both
+    # (class 1 -> class 2), the rest equal.
+    reference = torch.cat([torch.ones(76), torch.zeros(44), torch.ones(10), torch.zeros(70)]).long()
+    candidate = torch.cat([torch.zeros(76), torch.ones(44), 2 * torch.ones(10),
+                           torch.zeros(70)]).long()
+    change = decision_changes(reference, candidate, labels)
+    assert (change["images"], change["changed"], change["gained"], change["lost"]) == (200, 130,
+                                                                                         76, 44)
+    # Exact two-sided binomial test of 44 of 120 discordant images (scipy's binomtest agrees).
+    assert change["p_value"] == pytest.approx(0.0044550, rel=1e-4)
+    # Direction does not matter for the p-value; an even split is no evidence at all.
+    assert decision_changes(candidate, reference, labels)["p_value"] == change["p_value"]
+    assert decision_changes(labels, labels, labels)["p_value"] == 1.0
+    # Thousands of flips: the exact tail neither underflows nor overflows.
+    right, wrong = torch.zeros(3000).long(), torch.ones(3000).long()
+    split = torch.cat([wrong[:1400], right[1400:]]), torch.cat([right[:1400], wrong[1400:]])
+    change = decision_changes(*split, torch.zeros(3000).long())
+    assert (change["gained"], change["lost"]) == (1400, 1600)
+    assert change["p_value"] == pytest.approx(2.786e-4, rel=1e-3)
+    with pytest.raises(DataError, match="one prediction of each per label"):
+        decision_changes(reference, candidate[:5], labels)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Iterable
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -14,7 +16,7 @@ from tqdm.auto import tqdm
 from .errors import DataError
 from .progress import is_quiet
 
-__all__ = ["evaluate"]
+__all__ = ["decision_changes", "evaluate"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,3 +105,29 @@ def evaluate(
         "%s: top-1 %.2f%%, top-5 %.2f%% on %d images", desc, result["top1"], result["top5"], count
     )
     return result
+
+
+def decision_changes(reference: Any, candidate: Any, labels: Any) -> dict[str, float | int]:
+    """How `candidate`'s top-1 decisions differ from `reference`'s on the same labelled images.
+
+    Two top-1 figures a few tenths apart can come from a handful of images: what decides whether
+    the difference is real is how many decisions changed and in which direction. `gained` counts
+    images the candidate gets right and the reference wrong, `lost` the reverse; `p_value` is the
+    exact two-sided sign test (McNemar's exact test) of gained vs lost under "either direction is
+    equally likely", so a small value says the top-1 difference is unlikely to be chance of which
+    borderline images flipped. Inputs are predicted and true class indices (tensors or arrays).
+    """
+    reference, candidate, labels = (torch.as_tensor(t).reshape(-1) for t in (reference, candidate,
+                                                                             labels))
+    if not reference.shape == candidate.shape == labels.shape:
+        raise DataError(f"{reference.numel()} reference, {candidate.numel()} candidate predictions "
+                        f"and {labels.numel()} labels: pass one prediction of each per label")
+    ref_right, cand_right = reference.eq(labels), candidate.eq(labels)
+    gained = int((cand_right & ~ref_right).sum())
+    lost = int((ref_right & ~cand_right).sum())
+    discordant = gained + lost
+    # Exact binomial tail with integers: 0.5**n underflows a float past n = 1074.
+    tail = sum(math.comb(discordant, k) for k in range(min(gained, lost) + 1))
+    p_value = min(1.0, float(Fraction(2 * tail, 2 ** discordant)))
+    return {"images": int(labels.numel()), "changed": int(reference.ne(candidate).sum()),
+            "gained": gained, "lost": lost, "p_value": p_value}

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from ..evaluate import decision_changes
 
 logger = logging.getLogger(__name__)
 
@@ -53,24 +54,28 @@ def _accuracy(qmodel: Any, float_path: Path, quant_path: Path, loader: Any,
     from .ort_bench import session
 
     sessions = {"float": session(float_path, threads), "quantized": session(quant_path, threads)}
-    hits = {"float": 0, "quantized": 0}
-    agree = count = 0
+    predictions: dict[str, list[torch.Tensor]] = {"float": [], "quantized": [], "pytorch": []}
+    targets = []
     qmodel = qmodel.cpu().eval()
     for images, labels, *_ in loader:
         x = images.numpy()
-        predictions = {name: s.run(None, {s.get_inputs()[0].name: x})[0].argmax(1)
-                       for name, s in sessions.items()}
+        for name, s in sessions.items():
+            logits = s.run(None, {s.get_inputs()[0].name: x})[0]
+            predictions[name].append(torch.from_numpy(logits.argmax(1)))
         with torch.no_grad(), qmodel.quantization(weights=True, acts=True):
-            reference = qmodel(images).argmax(1).numpy()
-        for name, p in predictions.items():
-            hits[name] += int((p == labels.numpy()).sum())
-        agree += int((predictions["quantized"] == reference).sum())
-        count += len(labels)
-    if count == 0:
+            predictions["pytorch"].append(qmodel(images).argmax(1))
+        targets.append(labels.reshape(-1))
+    if not targets:
         raise ModelError("no validation images were evaluated: check --data DIR/val")
+    pred = {name: torch.cat(p) for name, p in predictions.items()}
+    labels = torch.cat(targets)
+    count = len(labels)
     return {"images": count,
-            "onnx_top1": {name: round(100.0 * h / count, 2) for name, h in hits.items()},
-            "agreement_with_pytorch": round(100.0 * agree / count, 2)}
+            "onnx_top1": {name: round(100.0 * int(pred[name].eq(labels).sum()) / count, 2)
+                          for name in sessions},
+            "agreement_with_pytorch": round(
+                100.0 * int(pred["quantized"].eq(pred["pytorch"]).sum()) / count, 2),
+            "vs_float": decision_changes(pred["float"], pred["quantized"], labels)}
 
 
 def benchmark_quantized(qmodel: Any, float_model: nn.Module, input_shape: list[int],
@@ -115,6 +120,10 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         lines.append(f"  onnxruntime top-1 on {acc['images']} images: float "
                      f"{acc['onnx_top1']['float']:.2f}, quantized {acc['onnx_top1']['quantized']:.2f}; "
                      f"agreement with PyTorch fake-quantized {acc['agreement_with_pytorch']:.2f}%")
+        change = acc["vs_float"]
+        lines.append(f"  top-1 decisions changed from float: {change['changed']} (right only when "
+                     f"quantized {change['gained']}, only in float {change['lost']}; sign test "
+                     f"p = {change['p_value']:.3g})")
     return lines
 
 
