@@ -1,4 +1,5 @@
-"""Top-1 / top-5 accuracy of a classifier over a loader or a pair of tensors."""
+"""Top-1 / top-5 accuracy of a classifier over a loader or a pair of tensors, and the paired
+comparison of two classifiers' top-1 decisions on the same images."""
 
 from __future__ import annotations
 

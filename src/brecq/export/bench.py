@@ -4,8 +4,10 @@ Exports the float model and the quantized model (QDQ) as ONNX next to the artifa
 measures onnxruntime CPU latency of both (batch 1 and a larger batch, min and median of N runs
 after warm-up, the models taking turns), their file sizes and which Conv/Gemm/MatMul are left
 in float after onnxruntime's default optimizations; with validation images, also both models'
-onnxruntime top-1 and the top-1 agreement of the quantized ONNX model with the PyTorch
-fake-quantized model. `brecq quantize --export onnx` runs the same and puts it in report.json.
+onnxruntime top-1, the top-1 agreement of the quantized ONNX model with the PyTorch
+fake-quantized model, and which of the float model's decisions the quantized one changed (with a
+sign test, `evaluate.decision_changes`). `brecq quantize --export onnx` runs the same and puts
+it in report.json.
 """
 
 from __future__ import annotations
