@@ -200,7 +200,7 @@ def test_decision_changes_counts_flips_and_tests_their_direction():
                                                                                          76, 44)
     # Exact two-sided binomial test of 44 of 120 discordant images (scipy's binomtest agrees).
     assert change["p_value"] == pytest.approx(0.0044550, rel=1e-4)
-    # Direction does not matter for the p-value; an even split is no evidence at all.
+    # The test is two-sided: swapping the models keeps the p-value; no change at all gives 1.
     assert decision_changes(candidate, reference, labels)["p_value"] == change["p_value"]
     assert decision_changes(labels, labels, labels)["p_value"] == 1.0
     # Thousands of flips: the exact tail neither underflows nor overflows.
