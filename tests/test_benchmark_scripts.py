@@ -300,3 +300,50 @@ def test_step_cost_refuses_bad_iteration_pairs_and_skips_without_data(tmp_path, 
     assert "weight_bits" in capsys.readouterr().err
     assert step_cost.main(["--data-root", str(tmp_path)]) == 0
     assert "SKIP:" in capsys.readouterr().out
+
+
+def test_onnx_latency_redraw_keeps_quantize_statics_quantizer_and_moves_only_the_rounding(tmp_path):
+    """The re-draw behind the W8A8 chance figures: with no spread it is quantize_static's model;
+    with 1% it rounds some weights the other way, each still within one step of its float value."""
+    pytest.importorskip("onnxruntime.quantization")
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    import onnx_latency
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 6 * 6, 4))
+    float_path = onnx_latency._export_float(net, tmp_path / "float.onnx", (3, 8, 8))
+    static = onnx_latency._quantize_static(float_path, tmp_path / "static.onnx",
+                                           torch.randn(64, 3, 8, 8))
+
+    def tensors(path: Path) -> dict:
+        return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+    rng = np.random.default_rng(0)
+    original, floats = tensors(static), tensors(float_path)
+    same = tensors(onnx_latency._redraw_weight_rounding(static, float_path, tmp_path / "a.onnx",
+                                                        rng, spread=0.0))
+    codes = [name for name in original if name.endswith("_quantized")]
+    assert len(codes) == 4  # the conv's and the linear's weights and biases
+    for name in codes:  # float ties may round either way: at most one code apart
+        assert np.abs(same[name].astype(np.int64) - original[name]).max() <= 1
+    moved = tensors(onnx_latency._redraw_weight_rounding(static, float_path, tmp_path / "b.onnx",
+                                                         rng, spread=0.01))
+    changed = 0
+    for weight in ("0.weight", "3.weight"):
+        scale = moved[weight + "_scale"]
+        ratio = scale / original[weight + "_scale"]
+        assert ((ratio >= 1) & (ratio < 1.01 + 1e-6)).all()
+        shape = (-1,) + (1,) * (floats[weight].ndim - 1)
+        dequantized = moved[weight + "_quantized"] * scale.reshape(shape)
+        assert (np.abs(dequantized - floats[weight]) <= 0.5 * scale.reshape(shape) + 1e-7).all()
+        changed += int((moved[weight + "_quantized"] != original[weight + "_quantized"]).sum())
+        bias = weight.replace("weight", "bias")  # int32 bias step = input step x weight step
+        bias_scale = moved[bias + "_quantized_scale"]
+        np.testing.assert_allclose(bias_scale / original[bias + "_quantized_scale"], ratio, rtol=1e-5)
+        assert (np.abs(moved[bias + "_quantized"] * bias_scale - floats[bias])
+                <= 0.5 * bias_scale + 1e-7).all()
+    assert changed > 0
